@@ -1,0 +1,174 @@
+"""The command line: ``python -m dispatcher`` (or the ``dispatcher`` script).
+
+The only module that reads argv and the environment, configures logging and prints. Environment
+variables map onto flags in ENV_FLAGS and nowhere else.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dispatcher import cli_tools
+from dispatcher.dispatcher import Dispatcher
+from dispatcher.errors import DispatcherError
+from dispatcher.keys import DEFAULT_PREFIX, PRIORITIES, Keys
+from dispatcher.registry import registry
+from dispatcher.server import default_state_dir, mask_url, resolve_server
+from dispatcher.settings import Settings
+from dispatcher.store import REDIS_DOWN, Store, connect
+
+logger = logging.getLogger("dispatcher")
+
+EXAMPLE_TASKS = "dispatcher.example"
+# environment variable -> the flag it stands for (a flag on the command line wins)
+ENV_FLAGS = {"REDIS_URL": "redis_url", "DISPATCHER_PREFIX": "prefix", "DISPATCHER_STATE_DIR": "state_dir"}
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--redis-url", default=default, metavar="URL",
+                        help="Redis to use (env REDIS_URL). Default: a Redis >= 7 answering on "
+                             "127.0.0.1:6379, else the bundled server (started by `run`)")
+    parser.add_argument("--prefix", default=default,
+                        help=f"key prefix (env DISPATCHER_PREFIX; default {DEFAULT_PREFIX!r}); "
+                             "use a {hash tag} on Redis Cluster")
+    parser.add_argument("--state-dir", default=default, type=Path, metavar="DIR",
+                        help="where a bundled server keeps its data, AOF and log (env "
+                             "DISPATCHER_STATE_DIR; default $XDG_STATE_HOME/redis-dispatcher)")
+    parser.add_argument("--log-level", default=default, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="default INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dispatcher",
+        description="Feed tasks from the Redis lists <prefix>:high, :normal and :low to a pool of "
+                    "worker processes, highest priority first. Without a command: run the dispatcher.")
+    _common(parser, suppress=False)
+    _run_flags(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the dispatcher (the default)")
+    _common(run, suppress=True)
+    _run_flags(run, suppress=True)
+    cli_tools.add_commands(sub, lambda p: _common(p, suppress=True))
+    return parser
+
+
+def _run_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    d = Settings.__dataclass_fields__
+
+    def default(name: str) -> object:
+        if suppress:
+            return argparse.SUPPRESS
+        f = d[name]
+        return f.default_factory() if callable(f.default_factory) else f.default
+
+    p.add_argument("--procs", type=int, default=default("procs"), help="worker processes (default: CPUs)")
+    p.add_argument("--tasks", action="append", metavar="MODULE", default=argparse.SUPPRESS,
+                   help="import this module to register its tasks (repeatable); "
+                        "default: the example tasks")
+    p.add_argument("--name", default=default("name"),
+                   help="dispatcher id (default: HOST-N, the first free one; a restart takes its old id)")
+    p.add_argument("--grace", type=float, default=default("grace"),
+                   help="seconds running tasks may finish after SIGINT/SIGTERM (default 30)")
+    p.add_argument("--result-ttl", type=int, default=default("result_ttl"),
+                   help="seconds results are kept (default 86400)")
+    p.add_argument("--max-size", type=int, default=default("max_size"),
+                   help="largest task element in bytes; larger ones are dead-lettered (default 1 MiB)")
+    p.add_argument("--time-limit", type=float, default=default("time_limit"),
+                   help="hard time limit per task in seconds (default none)")
+    p.add_argument("--soft-time-limit", type=float, default=default("soft_time_limit"),
+                   help="raise SoftTimeLimitExceeded in a task after this many seconds (default none)")
+    p.add_argument("--kill-grace", type=float, default=default("kill_grace"),
+                   help="seconds between SIGTERM and SIGKILL for a task over its hard limit (default 2)")
+    p.add_argument("--max-retries", type=int, default=default("max_retries"),
+                   help="retries of a failed task before it is dead-lettered (default 3)")
+    p.add_argument("--retry-backoff", type=float, default=default("retry_backoff"),
+                   help="first retry delay in seconds, doubled each time, with jitter (default 1)")
+    p.add_argument("--retry-backoff-max", type=float, default=default("retry_backoff_max"),
+                   help="longest retry delay in seconds (default 300)")
+    p.add_argument("--heartbeat-ttl", type=float, default=default("heartbeat_ttl"),
+                   help="seconds without a heartbeat before peers put this dispatcher's tasks "
+                        "back (default 15)")
+    p.add_argument("--batch", type=int, default=default("batch"),
+                   help="most tasks taken in one fetch; never more than free workers (default 64)")
+    p.add_argument("--start-method", default=default("start_method"),
+                   choices=["forkserver", "spawn", "fork"], help="multiprocessing start method")
+
+
+def _apply_env(args: argparse.Namespace, env: dict[str, str]) -> None:
+    for var, dest in ENV_FLAGS.items():
+        if getattr(args, dest, None) is None and env.get(var):
+            setattr(args, dest, env[var])
+    args.prefix = args.prefix or DEFAULT_PREFIX
+    args.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(env)
+
+
+def settings_from(args: argparse.Namespace, redis_url: str) -> Settings:
+    modules = tuple(getattr(args, "tasks", None) or (EXAMPLE_TASKS,))
+    return Settings(
+        redis_url=redis_url, prefix=args.prefix, procs=args.procs, task_modules=modules,
+        name=args.name, grace=args.grace, result_ttl=args.result_ttl, max_size=args.max_size,
+        heartbeat_ttl=args.heartbeat_ttl, time_limit=args.time_limit,
+        soft_time_limit=args.soft_time_limit, kill_grace=args.kill_grace, max_retries=args.max_retries,
+        retry_backoff=args.retry_backoff, retry_backoff_max=args.retry_backoff_max, batch=args.batch,
+        start_method=args.start_method, state_dir=args.state_dir,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not getattr(args, "tasks", None):
+        logger.info("no --tasks given: serving the example tasks (%s)", EXAMPLE_TASKS)
+    settings = settings_from(args, args.redis_url)  # validates before anything starts
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # --tasks modules next to the user, as with `python -m`
+    registry.import_modules(settings.task_modules)
+    server = resolve_server(args.redis_url, args.state_dir)
+    try:
+        return _serve(settings, server)
+    finally:
+        server.stop()
+
+
+def _serve(settings: Settings, server: object) -> int:
+    keys = Keys(settings.prefix)
+    client = connect(server.url)
+    try:
+        client.ping()
+    except REDIS_DOWN as exc:
+        raise DispatcherError(f"cannot reach Redis at {mask_url(server.url)}: {exc}") from exc
+    logger.info("redis: %s (%s)", mask_url(server.url), server.source)
+    if server.state_dir is not None:
+        logger.info("bundled server keeps its data (AOF) in %s", server.state_dir)
+    logger.info("queues: %s (highest priority first)", ", ".join(keys.queues))
+    logger.info("tasks: %s", ", ".join(registry.names()) or "none")
+    logger.info("pool: %d worker process(es)", settings.procs)
+    dispatcher = Dispatcher(settings, client, Store(client, keys), registry)
+    dispatcher.install_signal_handlers()
+    return dispatcher.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _apply_env(args, dict(os.environ))
+    logging.basicConfig(level=getattr(logging, args.log_level or "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command in (None, "run"):
+            return run(args)
+        return args.handler(args)
+    except DispatcherError as exc:
+        logger.error("%s", exc)
+        return 2
+    except REDIS_DOWN as exc:
+        logger.error("Redis is unreachable: %s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

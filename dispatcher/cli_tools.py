@@ -1,0 +1,151 @@
+"""The operator's commands: enqueue, status, dead list/requeue/purge.
+
+Part of the CLI layer (it prints); kept apart from __main__ so each file stays small. These
+commands never start a server: they talk to the one the dispatcher uses.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from typing import Any, Callable
+
+from dispatcher.client import Client
+from dispatcher.codec import JSON, Task, new_task_id
+from dispatcher.errors import ConfigError, ResultTimeout, TaskFailed
+from dispatcher.keys import PRIORITIES, Keys
+from dispatcher.server import running_server_url
+from dispatcher.store import Store, connect
+
+
+def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    enq = sub.add_parser("enqueue", help="push one task (as JSON, like redis-cli would)")
+    enq.add_argument("name", help="registered task name, e.g. example.square")
+    enq.add_argument("args", nargs="?", default="[]", help="positional arguments as a JSON list")
+    enq.add_argument("--kwargs", default="{}", help="keyword arguments as a JSON object")
+    enq.add_argument("--priority", choices=PRIORITIES, default="normal")
+    enq.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    enq.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
+    enq.set_defaults(handler=cmd_enqueue)
+
+    status = sub.add_parser("status", help="queue lengths, dispatchers, in-flight tasks, dead letters")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=cmd_status)
+
+    dead = sub.add_parser("dead", help="inspect and act on dead letters")
+    dead_sub = dead.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
+    listing = dead_sub.add_parser("list", help="show dead letters, newest first")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument("--limit", type=int, default=100, help="most entries shown (default 100)")
+    listing.set_defaults(handler=cmd_dead_list)
+    requeue = dead_sub.add_parser("requeue", help="put dead letters back on their lists")
+    requeue.add_argument("ids", nargs="*", metavar="ID")
+    requeue.add_argument("--all", action="store_true", help="every dead letter")
+    requeue.add_argument("--json", action="store_true", help="print JSON")
+    requeue.set_defaults(handler=cmd_dead_requeue)
+    purge = dead_sub.add_parser("purge", help="delete every dead letter")
+    purge.add_argument("--json", action="store_true", help="print JSON")
+    purge.set_defaults(handler=cmd_dead_purge)
+    for parser in (enq, status, listing, requeue, purge):
+        common(parser)
+
+
+def _url(args: argparse.Namespace) -> str:
+    return args.redis_url or running_server_url(args.state_dir)
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(connect(_url(args)), Keys(args.prefix))
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    try:
+        call_args, call_kwargs = json.loads(args.args), json.loads(args.kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"args and --kwargs must be JSON: {exc}") from exc
+    if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
+        raise ConfigError("args must be a JSON list and --kwargs a JSON object")
+    task = Task(name=args.name, args=tuple(call_args), kwargs=call_kwargs, id=new_task_id(),
+                codec=JSON, want_result=args.wait)
+    client = Client(_url(args), prefix=args.prefix)
+    client.store.push(args.priority, [task.encode()])
+    print(task.id)
+    if not args.wait:
+        return 0
+    try:
+        print(json.dumps(client.handle(task.id, task.name).result(timeout=args.timeout)))
+    except TaskFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except ResultTimeout as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _store(args).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"{'queue':<10}{'waiting':>10}{'scheduled':>11}")
+    for priority in PRIORITIES:
+        print(f"{priority:<10}{status['queues'][priority]:>10}{status['scheduled'][priority]:>11}")
+    print(f"dead letters: {status['dead']}")
+    if not status["dispatchers"]:
+        print("dispatchers: none")
+    for did, d in status["dispatchers"].items():
+        info = d["info"] or {}
+        state = "alive" if d["alive"] else "DEAD (tasks are put back by the next live dispatcher)"
+        print(f"dispatcher {did}: {state}; in flight {d['in_flight']}, free tokens {d['free_tokens']}"
+              f"{'; procs %s, pid %s, since %s' % (info.get('procs'), info.get('pid'), info.get('started')) if info else ''}")
+    return 0
+
+
+def _printable(fields: dict[str, bytes]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        try:
+            out[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            out[name + "_base64"] = base64.b64encode(value).decode()
+    return out
+
+
+def cmd_dead_list(args: argparse.Namespace) -> int:
+    letters = _store(args).dead_letters(0, args.limit - 1)
+    if args.json:
+        print(json.dumps([{"id": d.id, **_printable(d.fields)} for d in letters], indent=2))
+        return 0
+    if not letters:
+        print("no dead letters")
+    for d in letters:
+        f = _printable(d.fields)
+        payload = f.get("payload") or f"<{len(d.fields.get('payload', b''))} bytes, not text>"
+        print(f"{d.id}  {f.get('dead_at', '?')}  from {f.get('queue', '?')}  attempts {f.get('attempts', '?')}")
+        print(f"    reason: {f.get('reason', '?')}")
+        if f.get("error"):
+            print(f"    error:  {f['error']}: {f.get('message', '')}")
+        print(f"    payload: {payload[:300]}")
+    return 0
+
+
+def cmd_dead_requeue(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.all == bool(args.ids):
+        raise ConfigError("give dead-letter ids or --all (not both)")
+    ids = [d.id for d in store.dead_letters()] if args.all else args.ids
+    done = [i for i in ids if store.requeue_dead(i)]
+    missing = sorted(set(ids) - set(done))
+    if args.json:
+        print(json.dumps({"requeued": done, "not_found": missing}))
+    else:
+        print(f"requeued {len(done)} dead letter(s)" + (f"; not found: {' '.join(missing)}" if missing else ""))
+    return 0 if not missing else 1
+
+
+def cmd_dead_purge(args: argparse.Namespace) -> int:
+    purged = _store(args).purge_dead()
+    print(json.dumps({"purged": purged}) if args.json else f"purged {purged} dead letter(s)")
+    return 0

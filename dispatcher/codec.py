@@ -1,0 +1,190 @@
+"""The wire format: a task is one list element, a JSON object or a msgpack map.
+
+JSON is what a person types at redis-cli; msgpack is what the Python helper sends. They cannot be
+confused: a JSON object starts with ``{`` (0x7b), which in msgpack is a positive fixint, never a
+map. Replies go back in the codec the task came in, so a redis-cli user can read them. No pickle:
+anyone who can write to Redis must not be able to run code in the workers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import msgpack
+
+from dispatcher.errors import InvalidTask
+
+JSON = "json"
+MSGPACK = "msgpack"
+
+# Wire field names; anything else in a payload is kept (``extra``) and ignored.
+KNOWN_FIELDS = frozenset({
+    "task", "args", "kwargs", "id", "reply_to", "result",
+    "attempt", "max_retries", "time_limit", "soft_time_limit", "enqueued_at",
+})
+
+
+@dataclass(frozen=True)
+class Task:
+    """One decoded task element; ``encode()`` gives bytes in the codec it came in."""
+
+    name: str
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    id: str = ""
+    codec: str = MSGPACK
+    reply_to: str | None = None
+    want_result: bool = False
+    attempt: int = 0
+    max_retries: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    enqueued_at: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_fields(self) -> dict[str, Any]:
+        """The wire map, leaving out fields at their defaults so elements stay small."""
+        fields: dict[str, Any] = dict(self.extra)
+        fields["task"] = self.name
+        fields["id"] = self.id
+        if self.args:
+            fields["args"] = list(self.args)
+        if self.kwargs:
+            fields["kwargs"] = dict(self.kwargs)
+        optional = {
+            "reply_to": self.reply_to, "attempt": self.attempt or None,
+            "max_retries": self.max_retries, "time_limit": self.time_limit,
+            "soft_time_limit": self.soft_time_limit, "enqueued_at": self.enqueued_at,
+        }
+        fields.update((k, v) for k, v in optional.items() if v is not None)
+        if self.want_result:
+            fields["result"] = True
+        return fields
+
+    def encode(self) -> bytes:
+        return encode(self.codec, self.to_fields())
+
+    def next_attempt(self) -> "Task":
+        return replace(self, attempt=self.attempt + 1)
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(codec: str, value: Any) -> bytes:
+    """Encode a value in one of the two wire codecs; TypeError/ValueError if it cannot be."""
+    if codec == JSON:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def sniff(raw: bytes) -> str:
+    """Which codec an element is in; whitespace before a JSON object is forgiven."""
+    return JSON if raw.lstrip()[:1] == b"{" else MSGPACK
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_value(raw: bytes) -> Any:
+    """Decode an element or a reply whatever codec it is in (for readers such as the CLI).
+
+    JSON numbers must be finite, so whatever decodes can be encoded again (a retry re-encodes).
+    """
+    if sniff(raw) == JSON:
+        return json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    return msgpack.unpackb(raw, raw=False)
+
+
+def decode(raw: bytes, *, max_size: int) -> Task:
+    """Turn one list element into a Task, or raise InvalidTask with a reason a person can act on."""
+    if len(raw) > max_size:
+        raise InvalidTask(f"element is {len(raw)} bytes, over the {max_size}-byte limit")
+    codec = sniff(raw)
+    try:
+        fields = decode_value(raw)
+    except Exception as exc:  # any decoder failure is the producer's mistake, never ours
+        kind = "JSON" if codec == JSON else "JSON or msgpack"
+        raise InvalidTask(f"element is not valid {kind}: {type(exc).__name__}: {exc}"[:500]) from exc
+    if not isinstance(fields, dict):
+        raise InvalidTask(f"element is a {type(fields).__name__}, not a map with a 'task' field")
+    return _task_from_fields(fields, codec)
+
+
+def _task_from_fields(fields: dict, codec: str) -> Task:
+    name = fields.get("task")
+    if not isinstance(name, str) or not name:
+        raise InvalidTask("element names no task: field 'task' must be a non-empty string")
+    args = fields.get("args", [])
+    kwargs = fields.get("kwargs", {})
+    if args is None:
+        args = []
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(args, list):
+        raise InvalidTask(f"field 'args' must be a list, not {type(args).__name__}")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidTask("field 'kwargs' must be a map with string keys")
+    task_id = fields.get("id")
+    if task_id is None or task_id == "":
+        task_id = new_task_id()
+    elif not isinstance(task_id, str):
+        raise InvalidTask(f"field 'id' must be a string, not {type(task_id).__name__}")
+    reply_to = fields.get("reply_to")
+    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to):
+        raise InvalidTask("field 'reply_to' must be a non-empty string (a list key)")
+    return Task(
+        name=name, args=tuple(args), kwargs=kwargs, id=task_id, codec=codec,
+        reply_to=reply_to,
+        want_result=_flag(fields, "result"),
+        attempt=_count(fields, "attempt") or 0,
+        max_retries=_count(fields, "max_retries"),
+        time_limit=_seconds(fields, "time_limit"),
+        soft_time_limit=_seconds(fields, "soft_time_limit"),
+        enqueued_at=_number(fields, "enqueued_at"),
+        extra={k: v for k, v in fields.items() if k not in KNOWN_FIELDS},
+    )
+
+
+def _flag(fields: dict, name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidTask(f"field '{name}' must be true or false")
+    return value
+
+
+def _count(fields: dict, name: str) -> int | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidTask(f"field '{name}' must be a whole number >= 0")
+    return value
+
+
+def _number(fields: dict, name: str) -> float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidTask(f"field '{name}' must be a number")
+    return float(value)
+
+
+def _seconds(fields: dict, name: str) -> float | None:
+    value = _number(fields, name)
+    if value is not None and value <= 0:
+        raise InvalidTask(f"field '{name}' must be a number of seconds > 0")
+    return value

@@ -1,0 +1,309 @@
+"""The dispatcher: the loop that moves tasks from Redis to worker children and outcomes back.
+
+One thread (the caller's) owns the hot path: it writes outcomes and fetches tasks, a batch per
+round trip. Pool threads only append finished jobs to an in-memory outbox and wake the loop, so a
+callback can never raise into the pool or block on Redis. The loop takes a task only for a free
+slot (token), so no child is ever handed a second task.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from dispatcher import outcomes
+from dispatcher.codec import Task, decode
+from dispatcher.errors import InvalidTask
+from dispatcher.execute import init_child, run
+from dispatcher.heartbeat import Heartbeat, claim_id
+from dispatcher.registry import Registry, TaskSpec
+from dispatcher.settings import Settings
+from dispatcher.store import REDIS_DOWN, Fetched, Store
+from dispatcher.waiters import Waiters
+from worker_pool import JobEnd, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+IDLE_TICK = 1.0       # longest idle wait: due scheduled tasks are promoted at least this often
+SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
+BACKOFF_MAX = 2.0     # longest pause between tries while Redis is unreachable
+
+
+@dataclass
+class Running:
+    task: Task
+    spec: TaskSpec
+    fetched: Fetched
+
+
+@dataclass
+class Counters:
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead: int = 0
+    requeued: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.completed} completed, {self.failed} failed, {self.retried} retried, "
+                f"{self.dead} dead-lettered, {self.requeued} put back")
+
+
+@dataclass
+class _Outage:
+    since: float | None = None
+    delay: float = 0.05
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, client: redis.Redis, store: Store, registry: Registry) -> None:
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.registry = registry
+        self.policy = outcomes.Policy(settings.max_retries, settings.retry_backoff,
+                                      settings.retry_backoff_max, settings.result_ttl)
+        self.id = ""
+        self.counters = Counters()
+        self._running: dict[int, Running] = {}
+        self._pending: list[dict[str, Any]] = []   # finish items not yet written to Redis
+        self._outbox: collections.deque[JobEnd] = collections.deque()
+        self._wake = threading.Event()
+        self._signals = 0
+        self._outage = _Outage()
+        self._needs_reconcile = False
+        self._pool: WorkerPool | None = None
+        self._waiters: Waiters | None = None
+        self._heartbeat: Heartbeat | None = None
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Claim an id, put back what a previous life left in flight, reset tokens, start workers."""
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "procs": self.settings.procs,
+                "started": outcomes.iso(time.time())}
+        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
+        self.id = self.settings.name or claim_id(self.store, info["host"], info, ttl_ms)
+        if self.settings.name:
+            self.store.beat(self.id, info, ttl_ms)
+        requeued = self.store.reconcile(self.id, self.settings.procs)
+        if requeued:
+            logger.warning("put back %d task(s) this dispatcher (%s) held when it last stopped",
+                           requeued, self.id)
+        self._pool = WorkerPool(self.settings.procs, initializer=init_child,
+                                initargs=(self.settings.task_modules,),
+                                start_method=self.settings.start_method,
+                                kill_grace=self.settings.kill_grace)
+        self._waiters = Waiters(self.client, self.store.keys.queues, self._wake)
+        self._waiters.start()
+        self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
+        self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
+        self._heartbeat.start()
+        logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
+                    self.id, self.settings.procs, self.settings.heartbeat_ttl)
+
+    def install_signal_handlers(self) -> None:
+        def record(signum: int, frame: Any) -> None:
+            self._signals += 1
+        signal.signal(signal.SIGINT, record)
+        signal.signal(signal.SIGTERM, record)
+
+    def run(self) -> int:
+        """Serve until a signal (or stop()); returns the process exit code."""
+        self.start()
+        try:
+            while not self._signals:
+                self.step()
+            logger.info("stop requested: no new tasks; waiting up to %.0fs for %d running task(s) "
+                        "(signal again to skip the wait)", self.settings.grace, len(self._running))
+        finally:
+            self.shutdown()
+        return 0
+
+    def stop(self) -> None:
+        """Ask run() to stop, as a signal would (for embedding and tests)."""
+        self._signals += 1
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def step(self, fetch: bool = True) -> None:
+        """One turn: record finished tasks, take new ones for free slots, then wait to be woken."""
+        self._wake.clear()
+        self._collect()
+        try:
+            self._flush()
+            if self._needs_reconcile:
+                self._reconcile()
+            timeout = self._fill() if fetch else SIGNAL_CHECK
+        except REDIS_DOWN as exc:
+            timeout = self._redis_down(exc)
+        else:
+            self._redis_back()
+        if timeout:
+            self._wake.wait(min(timeout, SIGNAL_CHECK))
+
+    def _free_slots(self) -> int:
+        return self.settings.procs - len(self._running) - len(self._pending)
+
+    def _fill(self) -> float:
+        """Fetch for every free slot; returns how long the loop may sleep (0: go again now)."""
+        free = self._free_slots()
+        if free <= 0:
+            return IDLE_TICK  # a finishing task wakes us
+        got = self.store.fetch(self.id, min(free, self.settings.batch))
+        if isinstance(got, int):
+            if got == -2:
+                logger.warning("Redis holds no free token for %d free slot(s); reconciling", free)
+                self._needs_reconcile = True
+                return SIGNAL_CHECK
+            self._waiters.arm()
+            return IDLE_TICK if got < 0 else min(IDLE_TICK, max(got / 1000, 0.001))
+        now = time.time()
+        for fetched in got:
+            self._start_task(fetched, now)
+        return 0
+
+    def _start_task(self, fetched: Fetched, now: float) -> None:
+        try:
+            task = decode(fetched.element, max_size=self.settings.max_size)
+            spec = self.registry.get(task.name)
+            spec.check_call(task.args, dict(task.kwargs))
+        except InvalidTask as exc:
+            logger.warning("dead letter: element from %s is not a runnable task: %s", fetched.queue, exc)
+            self._pending.append(outcomes.invalid_item(fetched.slot, str(exc), self.store.keys, now))
+            self.counters.dead += 1
+            return
+        self._running[fetched.slot] = Running(task, spec, fetched)
+        logger.debug("start %s %s slot=%d attempt=%d", task.name, task.id, fetched.slot, task.attempt)
+        self._pool.submit(
+            fetched.slot, run,
+            (task.name, task.args, dict(task.kwargs), task.id, task.codec,
+             bool(task.want_result or task.reply_to)),
+            on_end=self._on_end,
+            time_limit=_first(task.time_limit, spec.time_limit, self.settings.time_limit),
+            soft_time_limit=_first(task.soft_time_limit, spec.soft_time_limit,
+                                   self.settings.soft_time_limit),
+        )
+
+    def _on_end(self, end: JobEnd) -> None:
+        """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
+        self._outbox.append(end)
+        self._wake.set()
+
+    def _collect(self) -> None:
+        now = time.time()
+        while self._outbox:
+            end = self._outbox.popleft()
+            running = self._running.pop(end.key, None)
+            if running is None:
+                logger.error("job end for unknown slot %r ignored", end.key)
+                continue
+            try:
+                item = self._item_for(running, end, now)
+            except Exception as exc:  # never lose the task or the slot over a bug in one outcome
+                logger.exception("could not record the outcome of %s %s", running.task.name, running.task.id)
+                item = outcomes.invalid_item(running.fetched.slot, f"outcome could not be recorded: {exc!r}",
+                                             self.store.keys, now)
+            self._pending.append(item)
+
+    def _item_for(self, running: Running, end: JobEnd, now: float) -> dict[str, Any]:
+        task, slot = running.task, running.fetched.slot
+        if end.ok:
+            self.counters.completed += 1
+            logger.debug("done %s %s in %.3fs", task.name, task.id, now - (end.started or now))
+            return outcomes.ack_item(slot, task, end.value, self.store.keys, self.policy)
+        self.counters.failed += 1
+        max_retries = _first(task.max_retries, running.spec.max_retries, self.settings.max_retries)
+        item = outcomes.failure_item(slot, task, running.fetched.queue,
+                                     (end.error_type, end.error_message, end.traceback),
+                                     max_retries, self.store.keys, self.policy, now)
+        will_retry = item["action"] == "retry"
+        self.counters.retried += will_retry
+        self.counters.dead += not will_retry
+        logger.warning("task %s %s failed (attempt %d): %s: %s; %s", task.name, task.id,
+                       task.attempt + 1, end.error_type, end.error_message,
+                       "will retry" if will_retry else "no retries left: dead letter")
+        return item
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.store.finish(self.id, self._pending)
+            self._pending = []
+
+    def _reconcile(self) -> None:
+        known = [(slot, r.fetched.queue, r.fetched.element) for slot, r in self._running.items()]
+        requeued = self.store.reconcile(self.id, self.settings.procs, known)
+        self._needs_reconcile = False
+        if requeued:
+            logger.warning("reconciled with Redis: put back %d task(s) this dispatcher no longer holds",
+                           requeued)
+
+    # -- Redis outages ---------------------------------------------------------------------------
+
+    def _redis_down(self, exc: Exception) -> float:
+        outage = self._outage
+        if outage.since is None:
+            outage.since = time.monotonic()
+            logger.error("Redis unreachable (%s): %d running, %d outcome(s) kept in memory; retrying",
+                         exc, len(self._running), len(self._pending))
+        else:
+            outage.delay = min(BACKOFF_MAX, outage.delay * 2)
+        self._needs_reconcile = True
+        return outage.delay
+
+    def _redis_back(self) -> None:
+        if self._outage.since is not None:
+            logger.warning("Redis is back after %.1fs; outcomes written, records reconciled",
+                           time.monotonic() - self._outage.since)
+            self._outage = _Outage()
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Let running tasks finish until the grace deadline (or a second signal), put the rest back."""
+        signals_at_stop = self._signals
+        if self._waiters:
+            self._waiters.stop()
+        if self._pool is None:
+            return
+        self._pool.close()
+        deadline = time.monotonic() + self.settings.grace
+        while self._running and time.monotonic() < deadline and self._signals <= signals_at_stop:
+            self.step(fetch=False)
+        self._pool.terminate()
+        self._collect()
+        for slot in list(self._running):
+            self._pending.append(outcomes.requeue_item(slot))
+            self.counters.requeued += 1
+            del self._running[slot]
+        self._final_write()
+        if self._heartbeat:
+            self._heartbeat.stop()
+        logger.info("dispatcher %s stopped: %s", self.id, self.counters.summary())
+
+    def _final_write(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._flush()
+                self.store.forget(self.id)
+                return
+            except REDIS_DOWN as exc:
+                if time.monotonic() > deadline:
+                    logger.error("could not write %d outcome(s) before exit (%s); the next start of "
+                                 "%s puts its tasks back", len(self._pending), exc, self.id)
+                    return
+                time.sleep(0.2)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)

@@ -1,0 +1,43 @@
+"""What runs inside a worker child: look the task up by name, call it, encode its reply.
+
+Encoding happens here, in the child, so the parent's per-task work stays small and a value that
+cannot be encoded fails as that task's error rather than in the dispatcher.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from dispatcher.codec import encode
+from dispatcher.registry import registry
+
+
+class ResultNotSerializable(TypeError):
+    """The task returned something its reply codec cannot carry."""
+
+
+def init_child(modules: tuple[str, ...]) -> None:
+    """Pool initializer: register the same tasks in the child as in the parent."""
+    registry.import_modules(modules)
+
+
+def run(name: str, args: tuple, kwargs: dict, task_id: str, codec: str, want_reply: bool) -> bytes | None:
+    """Run one task; returns the encoded "ok" reply when someone asked for it."""
+    value = registry.get(name).fn(*args, **kwargs)
+    if not want_reply:
+        return None
+    try:
+        return encode(codec, ok_reply(task_id, name, value))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ResultNotSerializable(
+            f"task {name!r} returned a {type(value).__name__}, which cannot be sent as {codec}: {exc}"
+        ) from None
+
+
+def ok_reply(task_id: str, name: str, value: Any) -> dict[str, Any]:
+    return {"id": task_id, "task": name, "status": "ok", "result": value}
+
+
+def error_reply(task_id: str, name: str, error_type: str, message: str, traceback: str,
+                attempts: int) -> dict[str, Any]:
+    return {"id": task_id, "task": name, "status": "error", "error": error_type,
+            "message": message, "traceback": traceback, "attempts": attempts}

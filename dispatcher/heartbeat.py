@@ -1,0 +1,90 @@
+"""Liveness: a heartbeat key with a short TTL, renewed by a thread, and recovery of dead peers.
+
+There is no per-task visibility timeout: a task is re-delivered only when the dispatcher that
+holds it stops beating. The thread is independent of the fetch loop, so a task that runs for
+hours is never handed to anyone else while its dispatcher lives.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+from dispatcher.store import REDIS_DOWN, Store
+
+logger = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_id(store: Store, host: str, info: dict[str, Any], ttl_ms: int,
+             alive: Callable[[int], bool] = pid_alive) -> str:
+    """The first free id ``host-N``; a dead predecessor's id on this host is taken over.
+
+    Stable ids mean a dispatcher restarted after a crash finds (and puts back) its own tasks at
+    once instead of waiting for its old heartbeat to expire.
+    """
+    for n in range(1000):
+        candidate = f"{host}-{n}"
+        if store.claim(candidate, info, ttl_ms):
+            return candidate
+        old = store.heartbeat_info(candidate)
+        if old and old.get("host") == host and not alive(int(old.get("pid", 0))):
+            logger.info("dispatcher id %s belonged to pid %s, which is gone: taking it over",
+                        candidate, old.get("pid"))
+            store.beat(candidate, info, ttl_ms)
+            return candidate
+    raise RuntimeError(f"no free dispatcher id on host {host}")
+
+
+class Heartbeat(threading.Thread):
+    """Renews our heartbeat every ttl/3 and puts back the tasks of peers whose heartbeat expired."""
+
+    def __init__(self, store: Store, dispatcher_id: str, info: dict[str, Any], ttl: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.store = store
+        self.dispatcher_id = dispatcher_id
+        self.info = info
+        self.ttl_ms = int(ttl * 1000)
+        self.interval = ttl / 3
+        self.stopped = threading.Event()
+        self._down = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.beat_once()
+
+    def beat_once(self) -> None:
+        try:
+            self.store.beat(self.dispatcher_id, self.info, self.ttl_ms)
+            self.recover_peers()
+        except REDIS_DOWN as exc:
+            if not self._down:
+                logger.warning("heartbeat: Redis unreachable (%s); will keep trying", exc)
+            self._down = True
+            return
+        except Exception:
+            logger.exception("heartbeat failed; will try again")
+            return
+        self._down = False
+
+    def recover_peers(self) -> None:
+        for peer in self.store.dispatcher_ids():
+            if peer == self.dispatcher_id or self.store.heartbeat_info(peer) is not None:
+                continue
+            requeued = self.store.recover_peer(peer)
+            if requeued >= 0:
+                logger.warning("dispatcher %s stopped beating: put %d of its tasks back at the head "
+                               "of their lists", peer, requeued)
+
+    def stop(self) -> None:
+        self.stopped.set()

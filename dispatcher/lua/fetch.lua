@@ -1,0 +1,63 @@
+--[[ fetch.lua: take up to N tasks into one dispatcher's in-flight record, in one atomic step.
+
+Strict priority across the lists (high, then normal, then low), oldest first within each
+(producers LPUSH, we take the right end). Each task taken consumes one free-worker token (a slot
+number); the element and the list it came from are recorded under that slot, so recovery can put
+it back at the head of its list. Scheduled tasks that are due (retries, countdown/eta) are moved
+to their list first; ZREM inside this script makes that happen exactly once across dispatchers.
+
+KEYS[1]     tokens list of this dispatcher (free slots)
+KEYS[2]     in-flight hash of this dispatcher (slot -> element, slot:q -> source list)
+KEYS[3..5]  the high, normal and low lists
+KEYS[6..8]  the high, normal and low schedules (sorted sets, score = due time in ms)
+ARGV[1]     most tasks to take
+
+Returns {slot, list index (1..3), element, ...} when it took tasks; otherwise a single number:
+milliseconds until the next scheduled task is due, -1 if nothing is scheduled, or -2 if this
+dispatcher has no free token (its local count disagrees with Redis: it must reconcile).
+]]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+for i = 1, 3 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[5 + i], '-inf', now, 'LIMIT', 0, 1000)
+  if #due > 0 then
+    redis.call('ZREM', KEYS[5 + i], unpack(due))
+    redis.call('LPUSH', KEYS[2 + i], unpack(due))
+  end
+end
+
+local want = math.min(redis.call('LLEN', KEYS[1]), tonumber(ARGV[1]))
+if want == 0 then
+  return {-2}
+end
+
+local out = {}
+local taken = 0
+for i = 1, 3 do
+  if taken >= want then break end
+  local elements = redis.call('RPOP', KEYS[2 + i], want - taken)
+  if elements then
+    for _, element in ipairs(elements) do
+      local slot = redis.call('LPOP', KEYS[1])
+      redis.call('HSET', KEYS[2], slot, element, slot .. ':q', KEYS[2 + i])
+      out[#out + 1] = slot
+      out[#out + 1] = i
+      out[#out + 1] = element
+      taken = taken + 1
+    end
+  end
+end
+if taken > 0 then
+  return out
+end
+
+local next_due = -1
+for i = 1, 3 do
+  local first = redis.call('ZRANGE', KEYS[5 + i], 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    local wait = math.max(0, tonumber(first[2]) - now)
+    if next_due < 0 or wait < next_due then next_due = wait end
+  end
+end
+return {next_due}

@@ -1,0 +1,59 @@
+--[[ finish.lua: record the outcomes of tasks one dispatcher ran and give their slots back.
+
+One call takes a batch, so a busy dispatcher pays one round trip for many outcomes. An item
+whose slot is no longer in flight is skipped whole: its outcome was already recorded (a retried
+call after a lost reply) or recovery already put the task back on its list, so writing it again
+would duplicate it. The in-flight entry is the lease; no lease, no write.
+
+KEYS[1]   in-flight hash of this dispatcher
+KEYS[2]   tokens list of this dispatcher
+ARGV[1]   msgpack array of maps, each with "slot" and "action":
+  ack      result_key, reply_to, reply, ttl      task done; reply is written where asked
+  retry    schedule_key, due (ms), payload        task failed and will run again at due
+  dead     dead_list, dead_key, fields (map), payload (optional; default the in-flight
+           element), result_key, reply_to, reply, ttl
+  requeue                                          put the element back at the head of its list
+  result_key / reply_to are "" when nobody asked for the outcome.
+Returns the number of items applied.
+]]
+local function reply(item)
+  if item.result_key ~= '' then
+    redis.call('DEL', item.result_key)
+    redis.call('RPUSH', item.result_key, item.reply)
+    redis.call('EXPIRE', item.result_key, item.ttl)
+  end
+  if item.reply_to ~= '' then
+    redis.call('LPUSH', item.reply_to, item.reply)
+    redis.call('EXPIRE', item.reply_to, item.ttl)
+  end
+end
+
+local items = cmsgpack.unpack(ARGV[1])
+local applied = 0
+for _, item in ipairs(items) do
+  local slot = tostring(item.slot)
+  local element = redis.call('HGET', KEYS[1], slot)
+  if element then
+    local source = redis.call('HGET', KEYS[1], slot .. ':q')
+    redis.call('HDEL', KEYS[1], slot, slot .. ':q')
+    redis.call('LPUSH', KEYS[2], slot)
+    if item.action == 'ack' then
+      reply(item)
+    elseif item.action == 'retry' then
+      redis.call('ZADD', item.schedule_key, item.due, item.payload)
+    elseif item.action == 'dead' then
+      local fields = {'payload', item.payload or element, 'queue', source}
+      for name, value in pairs(item.fields) do
+        fields[#fields + 1] = name
+        fields[#fields + 1] = value
+      end
+      redis.call('HSET', item.dead_key, unpack(fields))
+      redis.call('LPUSH', item.dead_list, item.dead_id)
+      reply(item)
+    elseif item.action == 'requeue' then
+      redis.call('RPUSH', source, element)
+    end
+    applied = applied + 1
+  end
+end
+return applied

@@ -1,0 +1,55 @@
+--[[ reconcile.lua: make one dispatcher's records in Redis match what it really holds.
+
+Used in three places, always as one atomic step:
+  - a dispatcher starting (mode "self", nothing known): tasks left in flight by its previous
+    life go back to the head of their lists, and its token list is reset to --procs slots;
+  - a dispatcher after a Redis outage (mode "self", its running tasks known): entries it does
+    not hold are put back, entries it holds but Redis lost (AOF window) are written again;
+  - a live dispatcher recovering a dead peer (mode "peer"): only if the peer's heartbeat is
+    gone, all of the peer's tasks go back and the peer is forgotten. Two dispatchers doing this
+    at once cannot duplicate anything: the second finds nothing.
+
+KEYS[1]  in-flight hash    KEYS[2]  tokens list    KEYS[3]  heartbeat key
+KEYS[4]  set of dispatcher ids
+ARGV[1]  "self" or "peer"   ARGV[2]  dispatcher id   ARGV[3]  number of slots (procs)
+ARGV[4..] known slots as triples: slot, source list, element
+Returns the number of elements put back on their lists, or -1 if the peer is alive.
+]]
+if ARGV[1] == 'peer' and redis.call('EXISTS', KEYS[3]) == 1 then
+  return -1
+end
+
+local known = {}
+for i = 4, #ARGV, 3 do
+  known[ARGV[i]] = true
+end
+
+local requeued = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local field = entries[i]
+  if string.sub(field, -2) ~= ':q' and not known[field] then
+    local source = redis.call('HGET', KEYS[1], field .. ':q')
+    if source then
+      redis.call('RPUSH', source, entries[i + 1])
+      requeued = requeued + 1
+    end
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+
+if ARGV[1] == 'peer' then
+  redis.call('SREM', KEYS[4], ARGV[2])
+  return requeued
+end
+
+for i = 4, #ARGV, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2], ARGV[i] .. ':q', ARGV[i + 1])
+end
+for slot = 0, tonumber(ARGV[3]) - 1 do
+  if not known[tostring(slot)] then
+    redis.call('RPUSH', KEYS[2], slot)
+  end
+end
+redis.call('SADD', KEYS[4], ARGV[2])
+return requeued

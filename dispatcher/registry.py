@@ -1,0 +1,98 @@
+"""Task registration: only functions registered under a name ever run.
+
+A payload names a registered task, never an import path, so writing to Redis does not let anyone
+run arbitrary code. The default registry is the module-level ``registry``; ``task`` is its
+decorator. The dispatcher fills it by importing the modules given with ``--tasks``, in the parent
+(to validate payloads) and in every child (to run them).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from dispatcher.errors import ConfigError, InvalidTask, UnknownTask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task and its policy; None means "use the dispatcher's default"."""
+
+    name: str
+    fn: Callable[..., Any]
+    signature: inspect.Signature | None
+    max_retries: int | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        """Reject arguments that cannot bind, before a child is spent on them."""
+        if self.signature is None:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidTask(f"args do not fit task {self.name!r}{self.signature}: {exc}") from exc
+
+
+class Registry:
+    """Name -> TaskSpec."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, TaskSpec] = {}
+
+    def task(self, fn: Callable | None = None, *, name: str | None = None,
+             max_retries: int | None = None, time_limit: float | None = None,
+             soft_time_limit: float | None = None) -> Any:
+        """Register a function; usable bare (``@task``) or with options (``@task(name=...)``).
+
+        Returns the function unchanged, so it stays an ordinary, picklable, testable function.
+        """
+        def register(func: Callable) -> Callable:
+            task_name = name or f"{func.__module__}.{func.__qualname__}"
+            try:
+                signature: inspect.Signature | None = inspect.signature(func)
+            except (TypeError, ValueError):
+                signature = None
+            spec = TaskSpec(task_name, func, signature, max_retries, time_limit, soft_time_limit)
+            self._add(spec)
+            return func
+
+        return register(fn) if fn is not None else register
+
+    def _add(self, spec: TaskSpec) -> None:
+        old = self._specs.get(spec.name)
+        if old is not None and _origin(old.fn) != _origin(spec.fn):
+            raise ConfigError(f"task name {spec.name!r} is registered twice: "
+                              f"{_origin(old.fn)} and {_origin(spec.fn)}")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> TaskSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownTask(f"unknown task {name!r}; this dispatcher knows: "
+                              f"{', '.join(sorted(self._specs)) or 'none'}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def import_modules(self, modules: Iterable[str]) -> None:
+        """Import task modules so their decorators run; a clear error if one cannot be imported."""
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(f"cannot import task module {module!r}: {exc}") from exc
+
+
+def _origin(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+registry = Registry()
+task = registry.task

@@ -1,0 +1,206 @@
+"""All Redis knowledge of redis-dispatcher: the commands, the scripts, the error translation.
+
+Every other module talks to Redis through a Store, by plain named methods. Scripts live in
+``lua/*.lua`` and are registered once per Store (redis-py re-sends a script's source by itself
+if a restarted server answers NOSCRIPT).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+import msgpack
+import redis
+
+from dispatcher.errors import ConnectionLost
+from dispatcher.keys import PRIORITIES, Keys
+
+logger = logging.getLogger(__name__)
+
+# The errors that mean "Redis is not there right now"; everything else is a bug or bad data.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+WAIT_CHUNK = 5.0  # longest single blocking call, well under any socket timeout we set
+
+
+def connect(url: str, *, timeout: float | None = 10.0) -> redis.Redis:
+    """A client with the options every part of the project wants (bytes in, bytes out)."""
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=5.0, health_check_interval=0,
+    )
+
+
+def _load(name: str) -> str:
+    return resources.files("dispatcher").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One task taken by the fetch script: its slot, the list it came from, the raw element."""
+
+    slot: int
+    queue: str
+    element: bytes
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: str
+    fields: dict[str, Any]
+
+
+class Store:
+    """Named operations on one deployment's keys."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._fetch = client.register_script(_load("fetch.lua"))
+        self._finish = client.register_script(_load("finish.lua"))
+        self._reconcile = client.register_script(_load("reconcile.lua"))
+        self._dead_requeue = client.register_script(_load("dead_requeue.lua"))
+
+    # -- producers ---------------------------------------------------------------------------
+
+    def push(self, priority: str, elements: Sequence[bytes]) -> None:
+        """LPUSH at the tail; one round trip for the whole batch."""
+        if elements:
+            self.client.lpush(self.keys.queue(priority), *elements)
+
+    def schedule(self, priority: str, due_ms: int, elements: Sequence[bytes]) -> None:
+        if elements:
+            self.client.zadd(self.keys.schedule(priority), {e: due_ms for e in elements})
+
+    def wait_result(self, task_id: str, timeout: float | None) -> bytes | None:
+        """Block until the task's outcome exists, without consuming it (BLMOVE onto itself).
+
+        Waits in chunks of a few seconds so a client with a socket timeout can wait for hours.
+        """
+        key = self.keys.result(task_id)
+        value = self.client.lindex(key, -1)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while value is None:
+            left = WAIT_CHUNK if deadline is None else min(WAIT_CHUNK, deadline - time.monotonic())
+            if left <= 0:
+                return None
+            value = self.client.blmove(key, key, max(left, 0.01), "RIGHT", "RIGHT")
+        return value
+
+    # -- the dispatcher's hot path -------------------------------------------------------------
+
+    def fetch(self, dispatcher_id: str, most: int) -> list[Fetched] | int:
+        """Take up to `most` tasks; without tasks, the ms until the next scheduled one (see fetch.lua)."""
+        keys = [self.keys.tokens(dispatcher_id), self.keys.inflight(dispatcher_id),
+                *self.keys.queues, *self.keys.schedules]
+        reply = self._fetch(keys=keys, args=[most])
+        if len(reply) == 1:
+            return int(reply[0])
+        queues = self.keys.queues
+        return [Fetched(int(reply[i]), queues[int(reply[i + 1]) - 1], reply[i + 2])
+                for i in range(0, len(reply), 3)]
+
+    def finish(self, dispatcher_id: str, items: list[dict[str, Any]]) -> int:
+        """Apply a batch of outcomes (see finish.lua for the item shapes)."""
+        if not items:
+            return 0
+        keys = [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id)]
+        return int(self._finish(keys=keys, args=[msgpack.packb(items, use_bin_type=True)]))
+
+    def reconcile(self, dispatcher_id: str, procs: int,
+                  known: Iterable[tuple[int, str, bytes]] = ()) -> int:
+        """Make our in-flight record and tokens match what we hold; returns tasks put back."""
+        args: list[Any] = ["self", dispatcher_id, procs]
+        for slot, queue, element in known:
+            args += [slot, queue, element]
+        return int(self._reconcile(keys=self._record_keys(dispatcher_id), args=args))
+
+    def recover_peer(self, dispatcher_id: str) -> int:
+        """Put a dead peer's tasks back; -1 if it turned out to be alive."""
+        return int(self._reconcile(keys=self._record_keys(dispatcher_id),
+                                   args=["peer", dispatcher_id, 0]))
+
+    def _record_keys(self, dispatcher_id: str) -> list[str]:
+        return [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id),
+                self.keys.heartbeat(dispatcher_id), self.keys.dispatchers]
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    def claim(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> bool:
+        """Take an id whose heartbeat does not exist (SET NX): two starting dispatchers never share one."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.heartbeat(dispatcher_id), json.dumps(info), px=ttl_ms, nx=True)
+        pipe.sadd(self.keys.dispatchers, dispatcher_id)
+        return bool(pipe.execute()[0])
+
+    def beat(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.heartbeat(dispatcher_id), json.dumps(info), px=ttl_ms)
+        pipe.sadd(self.keys.dispatchers, dispatcher_id)
+        pipe.execute()
+
+    def heartbeat_info(self, dispatcher_id: str) -> dict[str, Any] | None:
+        raw = self.client.get(self.keys.heartbeat(dispatcher_id))
+        return json.loads(raw) if raw else None
+
+    def dispatcher_ids(self) -> list[str]:
+        return sorted(m.decode() for m in self.client.smembers(self.keys.dispatchers))
+
+    def forget(self, dispatcher_id: str) -> None:
+        """A clean exit: nothing is in flight any more, so drop every record of this dispatcher."""
+        self.client.delete(self.keys.heartbeat(dispatcher_id), self.keys.tokens(dispatcher_id),
+                           self.keys.inflight(dispatcher_id))
+        self.client.srem(self.keys.dispatchers, dispatcher_id)
+
+    # -- status and dead letters ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        ids = self.dispatcher_ids()
+        pipe = self.client.pipeline(transaction=False)
+        for priority in PRIORITIES:
+            pipe.llen(self.keys.queue(priority))
+            pipe.zcard(self.keys.schedule(priority))
+        pipe.llen(self.keys.dead)
+        for did in ids:
+            pipe.get(self.keys.heartbeat(did))
+            pipe.hlen(self.keys.inflight(did))
+            pipe.llen(self.keys.tokens(did))
+        replies = pipe.execute()
+        queues = {p: replies[2 * i] for i, p in enumerate(PRIORITIES)}
+        scheduled = {p: replies[2 * i + 1] for i, p in enumerate(PRIORITIES)}
+        rest = replies[2 * len(PRIORITIES) + 1:]
+        dispatchers = {}
+        for i, did in enumerate(ids):
+            beat, inflight, tokens = rest[3 * i: 3 * i + 3]
+            dispatchers[did] = {"alive": beat is not None, "info": json.loads(beat) if beat else None,
+                                "in_flight": inflight // 2, "free_tokens": tokens}
+        return {"queues": queues, "scheduled": scheduled,
+                "dead": replies[2 * len(PRIORITIES)], "dispatchers": dispatchers}
+
+    def dead_letters(self, start: int = 0, stop: int = -1) -> list[DeadLetter]:
+        ids = [i.decode() for i in self.client.lrange(self.keys.dead, start, stop)]
+        pipe = self.client.pipeline(transaction=False)
+        for dead_id in ids:
+            pipe.hgetall(self.keys.dead_entry(dead_id))
+        return [DeadLetter(dead_id, {k.decode(): v for k, v in fields.items()})
+                for dead_id, fields in zip(ids, pipe.execute())]
+
+    def requeue_dead(self, dead_id: str) -> bool:
+        keys = [self.keys.dead, self.keys.dead_entry(dead_id)]
+        return bool(self._dead_requeue(keys=keys, args=[dead_id, self.keys.queue("normal")]))
+
+    def purge_dead(self) -> int:
+        ids = [i.decode() for i in self.client.lrange(self.keys.dead, 0, -1)]
+        pipe = self.client.pipeline(transaction=True)
+        for dead_id in ids:
+            pipe.delete(self.keys.dead_entry(dead_id))
+            pipe.lrem(self.keys.dead, 1, dead_id)
+        pipe.execute()
+        return len(ids)
+
+
+def translate(exc: BaseException) -> ConnectionLost:
+    """The one place a redis-py connection error becomes ours (raise translate(e) from e)."""
+    return ConnectionLost(f"Redis is unreachable: {exc}")
