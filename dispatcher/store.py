@@ -15,6 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import msgpack
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dispatcher.errors import ConnectionLost
 from dispatcher.keys import PRIORITIES, Keys
@@ -27,9 +29,15 @@ WAIT_CHUNK = 5.0  # longest single blocking call, well under any socket timeout 
 
 
 def connect(url: str, *, timeout: float | None = 10.0) -> redis.Redis:
-    """A client with the options every part of the project wants (bytes in, bytes out)."""
+    """A client with the options every part of the project wants (bytes in, bytes out).
+
+    One immediate retry on a fresh connection (a pooled connection is stale after a server
+    restart), and no more: the dispatcher runs its own backoff and logs the outage, and redis-py's
+    default of three retries with backoff would hide a dead server for seconds.
+    """
     return redis.Redis.from_url(
         url, socket_timeout=timeout, socket_connect_timeout=5.0, health_check_interval=0,
+        retry=Retry(NoBackoff(), 1),
     )
 
 
@@ -107,7 +115,8 @@ class Store:
         if not items:
             return 0
         keys = [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id)]
-        return int(self._finish(keys=keys, args=[msgpack.packb(items, use_bin_type=True)]))
+        # use_bin_type=False: the old msgpack raw type, which every Redis and Valkey cmsgpack reads
+        return int(self._finish(keys=keys, args=[msgpack.packb(items, use_bin_type=False)]))
 
     def reconcile(self, dispatcher_id: str, procs: int,
                   known: Iterable[tuple[int, str, bytes]] = ()) -> int:

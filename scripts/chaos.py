@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Chaos run: does redis-dispatcher lose a task when children, dispatchers and Redis die?
+
+Enqueues N tasks (each records its id in Redis when it runs), runs two dispatchers, and while
+they work SIGKILLs random worker children and dispatchers (restarting the dispatchers) K times at
+random moments, and SIGKILLs and restarts the Redis server once (AOF everysec). Prints enqueued,
+completed (unique), lost and duplicated; exits 1 if anything was lost. Linux only (reads /proc).
+
+    python scripts/chaos.py                 # N=5000, K=10
+    python scripts/chaos.py -n 300 -k 5     # the short version the test suite runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import redis  # noqa: E402
+
+from dispatcher import Call, Client  # noqa: E402
+from dispatcher.server import start_server  # noqa: E402
+
+RAN_KEY = "chaos:ran"
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def pool_children(dispatcher_pid: int) -> list[int]:
+    """Worker processes: children of the dispatcher's forkserver (or of the dispatcher itself)."""
+    workers = []
+    for child in children_of(dispatcher_pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"forkserver" in cmdline:
+            workers += children_of(child)
+        elif b"resource_tracker" not in cmdline and b"server" not in cmdline:
+            workers.append(child)
+    return workers
+
+
+class Dispatchers:
+    def __init__(self, url: str, workdir: Path, procs: int) -> None:
+        self.url = url
+        self.workdir = workdir
+        self.procs = procs
+        self.procs_by_slot: dict[int, subprocess.Popen] = {}
+        self.starts = 0
+
+    def start(self, slot: int) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]),
+                   PYTHONUNBUFFERED="1")
+        log = open(self.workdir / f"dispatcher-{slot}.log", "ab")
+        self.procs_by_slot[slot] = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "--redis-url", self.url, "--procs", str(self.procs),
+             "--tasks", "chaos_tasks", "--heartbeat-ttl", "3", "--retry-backoff", "0.1",
+             "--retry-backoff-max", "1", "--grace", "10", "--name", f"chaos-{slot}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir))
+        self.starts += 1
+
+    def kill(self, slot: int) -> None:
+        proc = self.procs_by_slot[slot]
+        proc.kill()
+        proc.wait()
+
+    def stop_all(self) -> list[int]:
+        for proc in self.procs_by_slot.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        return [proc.wait(60) for proc in self.procs_by_slot.values()]
+
+
+def enqueue(url: str, n: int, most_seconds: float) -> list[str]:
+    ids = [f"c{i}" for i in range(n)]
+    with Client(url) as client:
+        for start in range(0, n, 500):
+            client.enqueue_many([Call("chaos.record", (url, RAN_KEY, i, most_seconds))
+                                 for i in ids[start:start + 500]], result=False)
+    return ids
+
+
+def run(args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    workdir = Path(tempfile.mkdtemp(prefix="chaos-"))
+    server = start_server(workdir / "redis", appendfsync="everysec")
+    r = redis.Redis.from_url(server.url, socket_timeout=5)
+    events: list[str] = []
+    try:
+        ids = enqueue(server.url, args.n, args.task_seconds)
+        time.sleep(1.2)  # past one AOF fsync: the enqueued tasks are on disk before chaos starts
+        dispatchers = Dispatchers(server.url, workdir, args.procs)
+        for slot in (0, 1):
+            dispatchers.start(slot)
+        kills_left, redis_restarted = args.k, False
+        deadline = time.monotonic() + args.timeout
+        last_progress, last_count = time.monotonic(), -1
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.2, 1.0))
+            done = _count_unique(r)
+            if done is not None and done != last_count:
+                last_progress, last_count = time.monotonic(), done
+            if done is not None and done >= args.n:
+                break
+            if time.monotonic() - last_progress > args.stall:
+                events.append(f"stalled at {done} for {args.stall}s")
+                break
+            if not redis_restarted and done is not None and done >= args.n // 3:
+                server.kill()
+                events.append(f"redis SIGKILL at {done} done")
+                time.sleep(args.redis_down)
+                server.restart()
+                redis_restarted = True
+                events.append("redis restarted")
+            elif kills_left and done is not None and done < args.n * 0.9:
+                kills_left -= 1
+                events.append(_kill_something(rng, dispatchers))
+        codes = dispatchers.stop_all()
+        ran = [v.decode() for v in r.lrange(RAN_KEY, 0, -1)]
+        unique = set(ran)
+        summary = {
+            "enqueued": len(ids), "completed_unique": len(unique & set(ids)),
+            "lost": len(set(ids) - unique), "duplicated": len(ran) - len(unique),
+            "dead_letters": r.llen("dispatcher:dead"), "events": events,
+            "dispatcher_starts": dispatchers.starts, "exit_codes": codes, "workdir": str(workdir),
+        }
+    finally:
+        server.stop()
+    return summary
+
+
+def _count_unique(r: redis.Redis) -> int | None:
+    try:
+        return len(set(r.lrange(RAN_KEY, 0, -1)))
+    except redis.RedisError:
+        return None
+
+
+def _kill_something(rng: random.Random, dispatchers: Dispatchers) -> str:
+    slot = rng.choice(sorted(dispatchers.procs_by_slot))
+    proc = dispatchers.procs_by_slot[slot]
+    workers = pool_children(proc.pid) if proc.poll() is None else []
+    if workers and rng.random() < 0.6:
+        victim = rng.choice(workers)
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            return f"child {victim} of dispatcher {slot} was already gone"
+        return f"SIGKILL child {victim} of dispatcher {slot}"
+    dispatchers.kill(slot)
+    dispatchers.start(slot)
+    return f"SIGKILL dispatcher {slot} (pid {proc.pid}) and restart it"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=5000, help="tasks to enqueue (default 5000)")
+    parser.add_argument("-k", type=int, default=10, help="children/dispatchers to kill (default 10)")
+    parser.add_argument("--procs", type=int, default=2, help="workers per dispatcher (default 2)")
+    parser.add_argument("--task-seconds", type=float, default=0.01, help="most sleep per task (default 0.01)")
+    parser.add_argument("--redis-down", type=float, default=2.0, help="seconds Redis stays down (default 2)")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
+    parser.add_argument("--stall", type=float, default=60, help="give up after this long without progress")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args()
+    summary = run(args)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for event in summary["events"]:
+            print(f"  {event}")
+        for name in ("enqueued", "completed_unique", "lost", "duplicated", "dead_letters",
+                     "dispatcher_starts", "exit_codes", "workdir"):
+            print(f"{name:>18}: {summary[name]}")
+    return 1 if summary["lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The server-side scripts, checked at the data level against a real server."""
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+
+from dispatcher.keys import Keys
+from dispatcher.store import Store
+
+KEYS = Keys("t")
+
+
+def make_store(r) -> Store:
+    return Store(r, KEYS)
+
+
+def test_fetch_takes_highest_priority_first_oldest_first_one_token_each(r):
+    store = make_store(r)
+    store.reconcile("d1", 3)
+    store.push("low", [b"l1"])
+    store.push("normal", [b"n1", b"n2"])
+    store.push("high", [b"h1"])
+    got = store.fetch("d1", 10)
+    assert [(f.queue, f.element) for f in got] == [("t:high", b"h1"), ("t:normal", b"n1"), ("t:normal", b"n2")]
+    assert sorted(f.slot for f in got) == [0, 1, 2]
+    assert r.llen(KEYS.tokens("d1")) == 0
+    assert store.fetch("d1", 10) == -2          # no free token: never more tasks than workers
+    assert r.lrange("t:low", 0, -1) == [b"l1"]
+    inflight = r.hgetall(KEYS.inflight("d1"))
+    assert inflight[b"0"] == b"h1" and inflight[b"0:q"] == b"t:high"
+
+
+def test_fetch_reports_when_nothing_is_waiting(r):
+    store = make_store(r)
+    store.reconcile("d1", 1)
+    assert store.fetch("d1", 1) == -1
+    store.schedule("low", int(time.time() * 1000) + 60_000, [b"later"])
+    wait = store.fetch("d1", 1)
+    assert 50_000 < wait <= 61_000
+
+
+def test_due_scheduled_tasks_are_promoted_exactly_once_across_dispatchers(r):
+    store = make_store(r)
+    for d in ("a", "b"):
+        store.reconcile(d, 50)
+    store.schedule("normal", int(time.time() * 1000) - 1, [b"x%d" % i for i in range(60)])
+    taken = []
+    threads = [threading.Thread(target=lambda d=d: taken.extend(_drain(store, d))) for d in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(b"x%d" % i for i in range(60))  # 60 distinct: none twice, none lost
+    assert r.zcard(KEYS.schedule("normal")) == 0
+
+
+def _drain(store, dispatcher_id):
+    out = []
+    for _ in range(5):
+        got = store.fetch(dispatcher_id, 50)
+        if isinstance(got, list):
+            out.extend(f.element for f in got)
+            store.finish(dispatcher_id, [{"slot": f.slot, "action": "ack", "result_key": "", "reply_to": "",
+                                          "reply": b"", "ttl": 1} for f in got])
+    return out
+
+
+def test_finish_writes_outcomes_returns_tokens_and_is_idempotent(r):
+    store = make_store(r)
+    store.reconcile("d1", 2)
+    store.push("normal", [b"a", b"b"])
+    a, b = store.fetch("d1", 2)
+    items = [
+        {"slot": a.slot, "action": "ack", "result_key": "t:result:1", "reply_to": "reply", "reply": b"R", "ttl": 50},
+        {"slot": b.slot, "action": "retry", "schedule_key": "t:schedule:normal", "due": 5, "payload": b"b2"},
+    ]
+    assert store.finish("d1", items) == 2
+    assert store.finish("d1", items) == 0            # a replay after a lost reply writes nothing twice
+    assert r.lrange("t:result:1", 0, -1) == [b"R"] and 0 < r.ttl("t:result:1") <= 50
+    assert r.lrange("reply", 0, -1) == [b"R"]
+    assert r.zrange("t:schedule:normal", 0, -1) == [b"b2"]
+    assert r.llen(KEYS.tokens("d1")) == 2 and r.hlen(KEYS.inflight("d1")) == 0
+
+
+def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r):
+    store = make_store(r)
+    store.reconcile("d1", 2)
+    store.push("high", [b"\xffbad", b"good"])
+    bad, good = store.fetch("d1", 2)
+    store.push("high", [b"newer"])
+    store.finish("d1", [
+        {"slot": bad.slot, "action": "dead", "dead_id": "x1", "dead_list": KEYS.dead,
+         "dead_key": KEYS.dead_entry("x1"), "fields": {"reason": "not JSON", "dead_at": "now"},
+         "result_key": "", "reply_to": "", "reply": b"", "ttl": 1},
+        {"slot": good.slot, "action": "requeue"},
+    ])
+    assert r.lrange("t:high", 0, -1) == [b"newer", b"good"]   # right end is the head: good runs next
+    [letter] = store.dead_letters()
+    assert letter.fields["payload"] == b"\xffbad"
+    assert letter.fields["queue"] == b"t:high" and letter.fields["reason"] == b"not JSON"
+    assert store.requeue_dead("x1") is True
+    assert store.requeue_dead("x1") is False          # exactly once
+    assert r.lrange("t:high", 0, -1) == [b"\xffbad", b"newer", b"good"]
+
+
+def test_reconcile_puts_back_what_we_do_not_hold_and_restores_what_we_do(r):
+    store = make_store(r)
+    store.reconcile("d1", 3)
+    store.push("normal", [b"a", b"b", b"c"])
+    a, b, c = store.fetch("d1", 3)
+    r.hdel(KEYS.inflight("d1"), str(c.slot), f"{c.slot}:q")   # as if Redis lost that write
+    requeued = store.reconcile("d1", 3, [(b.slot, b.queue, b.element), (c.slot, c.queue, c.element)])
+    assert requeued == 1 and r.lrange("t:normal", 0, -1) == [b"a"]
+    assert r.hget(KEYS.inflight("d1"), str(c.slot)) == b"c"
+    assert r.lrange(KEYS.tokens("d1"), 0, -1) == [str(a.slot).encode()]
+
+
+def test_a_dead_peer_is_recovered_once_and_a_live_one_is_left_alone(r):
+    store = make_store(r)
+    store.beat("dead", {"pid": 1}, 60_000)
+    store.reconcile("dead", 2)
+    store.push("high", [b"h"])
+    store.push("low", [b"l"])
+    store.fetch("dead", 2)
+    assert store.recover_peer("dead") == -1            # heartbeat still there
+    r.delete(KEYS.heartbeat("dead"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.recover_peer("dead"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 0, 0, 2]
+    assert r.lrange("t:high", 0, -1) == [b"h"] and r.lrange("t:low", 0, -1) == [b"l"]
+    assert not r.exists(KEYS.inflight("dead"), KEYS.tokens("dead"))
+    assert store.dispatcher_ids() == []
+
+
+def test_finish_item_encoding_survives_binary_payloads(r):
+    store = make_store(r)
+    store.reconcile("d1", 1)
+    payload = msgpack.packb({"task": "x", "args": [b"\x00\xff"]})
+    store.push("low", [payload])
+    [f] = store.fetch("d1", 1)
+    store.finish("d1", [{"slot": f.slot, "action": "requeue"}])
+    assert r.lrange("t:low", 0, -1) == [payload]
