@@ -1,0 +1,200 @@
+"""The whole product through the real CLI process against a real server the test started."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from dispatcher import Call, Client, TaskFailed
+from procs import DispatcherProcess, run_cli, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def start(redis_url, tmp_path):
+    """start(*args) -> a ready DispatcherProcess serving e2e_tasks; all are stopped in teardown."""
+    started = []
+
+    def _start(*args, tasks=("e2e_tasks",), ready=True):
+        flags = [a for t in tasks for a in ("--tasks", t)]
+        proc = DispatcherProcess(redis_url, tmp_path / f"dispatcher-{len(started)}.log", *flags, *args)
+        started.append(proc)
+        return proc.wait_ready() if ready else proc
+
+    yield _start
+    for proc in started:
+        proc.close()
+
+
+@pytest.fixture
+def client(redis_url):
+    with Client(redis_url) as c:
+        yield c
+
+
+def tokens_free(r, prefix="dispatcher"):
+    ids = [i.decode() for i in r.smembers(f"{prefix}:dispatchers")]
+    return sum(r.llen(f"{prefix}:dispatcher:{i}:tokens") for i in ids)
+
+
+def test_start_log_names_url_queues_tasks_and_pool(start, redis_url):
+    proc = start("--procs", "3")
+    log = proc.log
+    assert redis_url.split("/")[2] in log
+    assert "dispatcher:high, dispatcher:normal, dispatcher:low" in log
+    assert "t.echo" in log and "t.span" in log
+    assert "pool: 3 worker process(es)" in log
+
+
+def test_example_tasks_are_served_without_tasks_flag(start, client):
+    proc = start("--procs", "1", tasks=())
+    assert "no --tasks given: serving the example tasks" in proc.log
+    assert client.enqueue("example.square", 9, priority="high").result(timeout=20) == 81
+
+
+def test_results_from_all_three_producers(start, client, r, redis_url):
+    start("--procs", "2")
+    # 1. redis-cli style: a JSON element, reply kept under the result key and sent to reply_to
+    r.lpush("dispatcher:high", '{"task": "t.echo", "args": [1, "a"], "kwargs": {"k": 2}, '
+                               '"id": "j1", "result": true, "reply_to": "my:replies"}')
+    assert client.handle("j1").result(timeout=20) == {"args": [1, "a"], "kwargs": {"k": 2}}
+    raw = r.lrange("dispatcher:result:j1", 0, -1)[0]
+    assert json.loads(raw)["status"] == "ok"                       # replies in the codec the task came in
+    assert 0 < r.ttl("dispatcher:result:j1") <= 24 * 3600
+    assert json.loads(r.brpop("my:replies", 10)[1])["result"]["kwargs"] == {"k": 2}
+    # 2. the Python helper, one and many
+    assert client.enqueue("t.echo", 3, priority="low", k="v").result(timeout=20) == {"args": [3], "kwargs": {"k": "v"}}
+    handles = client.enqueue_many([("t.echo", (i,)) for i in range(20)] + [Call("t.echo", (), {"x": 1})])
+    assert [h.result(timeout=20)["args"] for h in handles[:20]] == [[i] for i in range(20)]
+    # 3. the CLI, for machines without redis-cli
+    out = run_cli("enqueue", "t.echo", "[5]", "--priority", "high", "--wait", url=redis_url, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == {"args": [5], "kwargs": {}}
+
+
+def test_a_failing_task_reports_the_remote_traceback_and_the_dispatcher_goes_on(start, client, r):
+    proc = start("--procs", "1")
+    with pytest.raises(TaskFailed) as failed:
+        client.enqueue("t.fail", "boom").result(timeout=20)
+    assert failed.value.error_type == "ValueError" and "boom" in failed.value.message
+    assert "e2e_tasks.py" in failed.value.traceback and "raise ValueError" in failed.value.traceback
+    with pytest.raises(TaskFailed, match="ResultNotSerializable"):
+        client.enqueue("t.unserializable").result(timeout=20)
+    assert client.enqueue("t.echo", 1).result(timeout=20)["args"] == [1]
+    assert proc.proc.poll() is None
+    assert r.llen("dispatcher:dead") == 2                          # no retries left: dead letters
+
+
+def test_bad_input_is_parked_unchanged_with_a_reason(start, client, r, redis_url):
+    proc = start("--procs", "2", "--max-size", "1000")
+    bad = [b"not json", b"[1,2]", b'{"args": []}', b'{"task": "no.such.task"}',
+           b'{"task": "t.span", "args": "x"}', b'{"task": "t.span", "args": [1, 2, 3, 4]}',
+           b'{"task": "t.echo", "args": ["' + b"x" * 2000 + b'"]}', b"\x93\x01\x02\x03"]
+    for element in bad:
+        r.lpush("dispatcher:normal", element)
+    wait_for(lambda: r.llen("dispatcher:dead") == len(bad), 20, what="dead letters")
+    assert client.enqueue("t.echo", 1).result(timeout=20)["args"] == [1]
+    wait_for(lambda: tokens_free(r) == 2, 10, what="all tokens back")
+    listed = json.loads(run_cli("dead", "list", "--json", url=redis_url, check=True).stdout)
+    by_payload = {d.get("payload", d.get("payload_base64")): d for d in listed}
+    assert by_payload["not json"]["queue"] == "dispatcher:normal"
+    assert "unknown task 'no.such.task'" in by_payload['{"task": "no.such.task"}']["reason"]
+    assert "args do not fit" in by_payload['{"task": "t.span", "args": [1, 2, 3, 4]}']["reason"]
+    assert all(d["reason"] and d["dead_at"] for d in listed)
+    assert proc.log.count("WARNING") >= len(bad)
+    assert "dead letters: %d" % len(bad) in run_cli("status", url=redis_url, check=True).stdout
+    run_cli("dead", "requeue", listed[0]["id"], url=redis_url, check=True)   # fails again: parked again
+    wait_for(lambda: r.llen("dispatcher:dead") == len(bad), 20, what="requeued letter parked again")
+    assert json.loads(run_cli("dead", "purge", "--json", url=redis_url, check=True).stdout) == {"purged": len(bad)}
+    assert r.llen("dispatcher:dead") == 0
+
+
+def test_strict_priority_and_fifo(start, client, r, redis_url):
+    for priority in ("low", "normal", "high"):
+        for i in range(3):
+            client.enqueue("t.record", redis_url, "order", f"{priority[0]}{i}", priority=priority)
+    start("--procs", "1")
+    wait_for(lambda: r.llen("order") == 9, 30, what="nine tasks")
+    assert [v.decode() for v in r.lrange("order", 0, -1)] == ["h0", "h1", "h2", "n0", "n1", "n2", "l0", "l1", "l2"]
+
+
+def test_never_more_tasks_taken_than_free_workers(start, client, r):
+    start("--procs", "2")
+    handles = [client.enqueue("t.span", 0.3, str(i)) for i in range(6)]
+    wait_for(lambda: r.hlen("dispatcher:dispatcher:%s:inflight" % r.smembers("dispatcher:dispatchers").pop().decode()) == 4,
+             10, what="two tasks in flight")
+    assert r.llen("dispatcher:normal") == 4                        # the rest stays in Redis
+    spans = [h.result(timeout=30) for h in handles]
+    events = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    running, most = 0, 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    assert most <= 2 and len({s["pid"] for s in spans}) <= 2 + 0
+
+
+def test_sigterm_lets_running_tasks_finish_and_exits_zero_with_a_summary(start, client, r):
+    proc = start("--procs", "2")
+    running = [client.enqueue("t.span", 1.0, str(i)) for i in range(2)]
+    wait_for(lambda: r.llen("dispatcher:normal") == 0, 10, what="both taken")
+    queued = client.enqueue("t.echo", "later")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert [h.result(timeout=1)["tag"] for h in running] == ["0", "1"]
+    assert r.llen("dispatcher:normal") == 1                        # not started, still queued
+    assert "2 completed, 0 failed, 0 retried, 0 dead-lettered, 0 put back" in proc.log
+    assert r.scard("dispatcher:dispatchers") == 0
+    start("--procs", "1")                                          # a restart finds it as it was
+    assert queued.result(timeout=20)["args"] == ["later"]
+
+
+def test_grace_deadline_puts_unfinished_tasks_back_at_the_head(start, client, r):
+    proc = start("--procs", "2", "--grace", "0.5")
+    for i in range(2):
+        client.enqueue("t.span", 60, f"long{i}")
+    wait_for(lambda: r.llen("dispatcher:normal") == 0, 10, what="both taken")
+    client.enqueue("t.echo", "newer")
+    t0 = time.monotonic()
+    proc.signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert time.monotonic() - t0 < 20
+    assert "0 completed" in proc.log and "2 put back" in proc.log
+    queue = r.lrange("dispatcher:normal", 0, -1)                   # right end = head: runs first
+    assert len(queue) == 3 and b"newer" in queue[0]
+
+
+def test_a_second_signal_skips_the_wait(start, client, r):
+    proc = start("--procs", "1", "--grace", "60")
+    client.enqueue("t.span", 60)
+    wait_for(lambda: r.llen("dispatcher:normal") == 0, 10, what="taken")
+    proc.signal(signal.SIGTERM)
+    wait_for(lambda: "stop requested" in proc.log, 10, what="first signal seen")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert "1 put back" in proc.log and r.llen("dispatcher:normal") == 1
+
+
+def test_status_json(start, client, r, redis_url):
+    start("--procs", "2")
+    client.enqueue("t.span", 2)
+    client.enqueue("t.echo", 1, priority="low")
+    for _ in range(3):
+        r.lpush("dispatcher:high", "junk")
+    status = wait_for(lambda: (lambda s: s if s["dead"] == 3 and s["queues"]["normal"] == 0 else None)(
+        json.loads(run_cli("status", "--json", url=redis_url, check=True).stdout)), 20, what="status")
+    [(did, d)] = status["dispatchers"].items()
+    assert d["alive"] and d["info"]["procs"] == 2
+    assert d["in_flight"] + d["free_tokens"] == 2
+    text = run_cli("status", url=redis_url, check=True).stdout
+    assert "high" in text and f"dispatcher {did}: alive" in text
+
+
+def test_help_documents_every_flag():
+    out = run_cli("--help", check=True).stdout
+    for flag in ("--procs", "--tasks", "--redis-url", "--prefix", "--grace", "--result-ttl", "--max-size",
+                 "--time-limit", "--soft-time-limit", "--max-retries", "--heartbeat-ttl", "--state-dir",
+                 "--batch", "--name", "enqueue", "status", "dead"):
+        assert flag in out
+    assert "REDIS_URL" in out
