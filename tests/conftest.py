@@ -39,6 +39,10 @@ class Servers:
         kwargs.setdefault("binary", self.binary)
         return self.track(start_server(self.watch(self.root / name), **kwargs))
 
+    def first(self) -> RedisServer:
+        """The first server started here, starting one if there is none yet."""
+        return self._servers[0] if self._servers else self.start()
+
     def track(self, server: RedisServer) -> RedisServer:
         self._servers.append(server)
         return server
@@ -88,15 +92,36 @@ def server_binary() -> Path:
         pytest.skip(message)
 
 
-@pytest.fixture
-def servers(tmp_path: Path, server_binary: Path) -> Iterator[Servers]:
-    tracker = Servers(tmp_path, server_binary)
+def _tracked(root: Path, binary: Path) -> Iterator[Servers]:
+    tracker = Servers(root, binary)
     _PENDING.append(tracker)
     try:
         yield tracker
     finally:
         tracker.kill_all()
         _PENDING.remove(tracker)
+
+
+@pytest.fixture
+def servers(tmp_path: Path, server_binary: Path) -> Iterator[Servers]:
+    yield from _tracked(tmp_path, server_binary)
+
+
+@pytest.fixture(scope="module")
+def module_servers(tmp_path_factory: pytest.TempPathFactory, server_binary: Path) -> Iterator[Servers]:
+    """For a module whose tests share one server (hypothesis runs many examples against it)."""
+    yield from _tracked(tmp_path_factory.mktemp("servers"), server_binary)
+
+
+@pytest.fixture(scope="module")
+def r_module(module_servers: Servers) -> Iterator[redis.Redis]:
+    """A client of the module's first server (started on first use)."""
+    server = module_servers.first()
+    client = redis.Redis.from_url(server.url, socket_timeout=10)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture
