@@ -32,7 +32,7 @@ from worker_pool import JobEnd, WorkerPool
 
 logger = logging.getLogger(__name__)
 
-IDLE_TICK = 1.0       # longest idle wait: due scheduled tasks are promoted at least this often
+IDLE_WAIT = 30.0      # safety net only: pushes and new schedules wake an idle loop at once
 SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
 BACKOFF_MAX = 2.0     # longest pause between tries while Redis is unreachable
 
@@ -77,7 +77,8 @@ class Dispatcher:
         self._pending: list[dict[str, Any]] = []   # finish items not yet written to Redis
         self._outbox: collections.deque[JobEnd] = collections.deque()
         self._wake = threading.Event()
-        self._signals = 0
+        self._signals = 0              # incremented by the signal handlers, nothing else
+        self._signals_acted_on = 0     # how many of them the loop has already acted on
         self._outage = _Outage()
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
@@ -102,7 +103,7 @@ class Dispatcher:
                                 initargs=(self.settings.task_modules,),
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
-        self._waiters = Waiters(self.client, self.store.keys.queues, self._wake)
+        self._waiters = Waiters(self.client, [*self.store.keys.queues, self.store.keys.wake], self._wake)
         self._waiters.start()
         self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
@@ -148,8 +149,16 @@ class Dispatcher:
             timeout = self._redis_down(exc)
         else:
             self._redis_back()
-        if timeout:
-            self._wake.wait(min(timeout, SIGNAL_CHECK))
+        self._sleep(timeout)
+
+    def _sleep(self, timeout: float) -> None:
+        """Wait for a wake-up (a push, a finished task), a signal, or the timeout; no Redis traffic."""
+        deadline = time.monotonic() + timeout
+        while not self._wake.is_set() and self._signals == self._signals_acted_on:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(min(left, SIGNAL_CHECK))
 
     def _free_slots(self) -> int:
         return self.settings.procs - len(self._running) - len(self._pending)
@@ -158,7 +167,7 @@ class Dispatcher:
         """Fetch for every free slot; returns how long the loop may sleep (0: go again now)."""
         free = self._free_slots()
         if free <= 0:
-            return IDLE_TICK  # a finishing task wakes us
+            return IDLE_WAIT  # a finishing task wakes us
         got = self.store.fetch(self.id, min(free, self.settings.batch))
         if isinstance(got, int):
             if got == -2:
@@ -166,7 +175,7 @@ class Dispatcher:
                 self._needs_reconcile = True
                 return SIGNAL_CHECK
             self._waiters.arm()
-            return IDLE_TICK if got < 0 else min(IDLE_TICK, max(got / 1000, 0.001))
+            return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         for fetched in got:
             self._start_task(fetched, now)
@@ -270,7 +279,7 @@ class Dispatcher:
 
     def shutdown(self) -> None:
         """Let running tasks finish until the grace deadline (or a second signal), put the rest back."""
-        signals_at_stop = self._signals
+        self._signals_acted_on = signals_at_stop = max(self._signals, 1)
         if self._waiters:
             self._waiters.stop()
         if self._pool is None:

@@ -18,6 +18,7 @@ class Keys:
 
     <prefix>:high|normal|low              list: tasks; producers LPUSH, dispatchers take the right end (FIFO)
     <prefix>:schedule:high|normal|low     sorted set: tasks waiting for a retry or an eta, scored by due ms
+    <prefix>:wake                         list: pushed when a task is scheduled, so idle dispatchers re-fetch
     <prefix>:dead                         list: ids of dead letters, newest first
     <prefix>:dead:<id>                    hash: one dead letter (payload unchanged, reason, time, ...)
     <prefix>:result:<task id>             list of one element: the outcome, with a TTL
@@ -42,6 +43,10 @@ class Keys:
     @property
     def schedules(self) -> tuple[str, ...]:
         return tuple(self.schedule(p) for p in PRIORITIES)
+
+    @property
+    def wake(self) -> str:
+        return f"{self.prefix}:wake"
 
     @property
     def dead(self) -> str:

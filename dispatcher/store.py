@@ -79,8 +79,13 @@ class Store:
             self.client.lpush(self.keys.queue(priority), *elements)
 
     def schedule(self, priority: str, due_ms: int, elements: Sequence[bytes]) -> None:
+        """Add to the schedule and wake idle dispatchers, so they wait for the new due time."""
         if elements:
-            self.client.zadd(self.keys.schedule(priority), {e: due_ms for e in elements})
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zadd(self.keys.schedule(priority), {e: due_ms for e in elements})
+            pipe.lpush(self.keys.wake, 1)
+            pipe.ltrim(self.keys.wake, 0, 0)
+            pipe.execute()
 
     def wait_result(self, task_id: str, timeout: float | None) -> bytes | None:
         """Block until the task's outcome exists, without consuming it (BLMOVE onto itself).
@@ -102,7 +107,7 @@ class Store:
     def fetch(self, dispatcher_id: str, most: int) -> list[Fetched] | int:
         """Take up to `most` tasks; without tasks, the ms until the next scheduled one (see fetch.lua)."""
         keys = [self.keys.tokens(dispatcher_id), self.keys.inflight(dispatcher_id),
-                *self.keys.queues, *self.keys.schedules]
+                *self.keys.queues, *self.keys.schedules, self.keys.wake]
         reply = self._fetch(keys=keys, args=[most])
         if len(reply) == 1:
             return int(reply[0])
@@ -114,7 +119,7 @@ class Store:
         """Apply a batch of outcomes (see finish.lua for the item shapes)."""
         if not items:
             return 0
-        keys = [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id)]
+        keys = [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id), self.keys.wake]
         # use_bin_type=False: the old msgpack raw type, which every Redis and Valkey cmsgpack reads
         return int(self._finish(keys=keys, args=[msgpack.packb(items, use_bin_type=False)]))
 

@@ -18,7 +18,7 @@ from dispatcher.store import REDIS_DOWN
 
 logger = logging.getLogger(__name__)
 
-BLOCK_SECONDS = 1.0  # how long one BLMOVE blocks before the waiter checks whether it should stop
+BLOCK_SECONDS = 5.0  # one BLMOVE's block; under the client's socket timeout, so a dead link shows
 
 
 class Waiter(threading.Thread):

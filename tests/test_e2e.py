@@ -75,7 +75,7 @@ def test_results_from_all_three_producers(start, client, r, redis_url):
 
 
 def test_a_failing_task_reports_the_remote_traceback_and_the_dispatcher_goes_on(start, client, r):
-    proc = start("--procs", "1")
+    proc = start("--procs", "1", "--retry-backoff", "0.01")
     with pytest.raises(TaskFailed) as failed:
         client.enqueue("t.fail", "boom").result(timeout=20)
     assert failed.value.error_type == "ValueError" and "boom" in failed.value.message

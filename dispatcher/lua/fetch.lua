@@ -10,6 +10,8 @@ KEYS[1]     tokens list of this dispatcher (free slots)
 KEYS[2]     in-flight hash of this dispatcher (slot -> element, slot:q -> source list)
 KEYS[3..5]  the high, normal and low lists
 KEYS[6..8]  the high, normal and low schedules (sorted sets, score = due time in ms)
+KEYS[9]     the wake list (pushed when a task is scheduled); cleared here, since this call sees
+            every schedule and reports the next due time
 ARGV[1]     most tasks to take
 
 Returns {slot, list index (1..3), element, ...} when it took tasks; otherwise a single number:
@@ -18,6 +20,7 @@ dispatcher has no free token (its local count disagrees with Redis: it must reco
 ]]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('DEL', KEYS[9])
 
 for i = 1, 3 do
   local due = redis.call('ZRANGEBYSCORE', KEYS[5 + i], '-inf', now, 'LIMIT', 0, 1000)

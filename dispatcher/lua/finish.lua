@@ -7,6 +7,7 @@ would duplicate it. The in-flight entry is the lease; no lease, no write.
 
 KEYS[1]   in-flight hash of this dispatcher
 KEYS[2]   tokens list of this dispatcher
+KEYS[3]   the wake list: a retry pushes it so idle dispatchers learn of the new due time
 ARGV[1]   msgpack array of maps, each with "slot" and "action":
   ack      result_key, reply_to, reply, ttl      task done; reply is written where asked
   retry    schedule_key, due (ms), payload        task failed and will run again at due
@@ -41,6 +42,8 @@ for _, item in ipairs(items) do
       reply(item)
     elseif item.action == 'retry' then
       redis.call('ZADD', item.schedule_key, item.due, item.payload)
+      redis.call('LPUSH', KEYS[3], 1)
+      redis.call('LTRIM', KEYS[3], 0, 0)
     elseif item.action == 'dead' then
       local fields = {'payload', item.payload or element, 'queue', source}
       for name, value in pairs(item.fields) do

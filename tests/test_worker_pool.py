@@ -1,0 +1,433 @@
+"""worker_pool: every submitted job ends exactly once, whatever happens to its child.
+
+Real processes, real signals. Every wait polls a condition against a deadline.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))  # children import pool_jobs by name too
+
+import pool_jobs  # noqa: E402
+from worker_pool import JobEnd, WorkerPool  # noqa: E402
+from worker_pool.queues import FIRST, FRAME, FRAME_BODY, LAST, ResultQueue  # noqa: E402
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+
+
+class Ends:
+    """An on_end callback that records every end and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.ends: list[JobEnd] = []
+
+    def __call__(self, end: JobEnd) -> None:
+        with self._cond:
+            self.ends.append(end)
+            self._cond.notify_all()
+
+    def wait(self, count: int, timeout: float = 10.0) -> list[JobEnd]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.ends) >= count, timeout):
+                pytest.fail(f"only {len(self.ends)} of {count} jobs ended within {timeout}s")
+            return list(self.ends)
+
+    def one(self, timeout: float = 10.0) -> JobEnd:
+        return self.wait(1, timeout)[0]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def make_pool() -> Iterator[Callable[..., WorkerPool]]:
+    pools: list[WorkerPool] = []
+
+    def make(procs: int = 2, **kwargs: object) -> WorkerPool:
+        pool = WorkerPool(procs, **kwargs)
+        pools.append(pool)
+        wait_until(lambda: pool.live_children() == procs, 10, "the children to start")
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.terminate()
+
+
+def run_one(pool: WorkerPool, fn: Callable, *args: object, **kwargs: object) -> JobEnd:
+    ends = Ends()
+    pool.submit(("one", fn.__name__, time.monotonic()), fn, args, on_end=ends, **kwargs)
+    return ends.one()
+
+
+def assert_back_to_full_strength(pool: WorkerPool, procs: int, old_pids: list[int]) -> None:
+    wait_until(lambda: pool.live_children() == procs, 5, "the pool to replace its child")
+    end = run_one(pool, pool_jobs.double, 21)
+    assert end.ok and end.value == 42
+    assert set(pool.pids()) != set(old_pids)
+
+
+def running_pid(pool: WorkerPool, key: object) -> int:
+    wait_until(lambda: key in pool.running(), 5, f"job {key!r} to start")
+    return pool.running()[key][0]
+
+
+# -- ordinary ends ------------------------------------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_ok_result(make_pool):
+    pool = make_pool()
+    ends = Ends()
+    before = time.time()
+    pool.submit("k", pool_jobs.double, (21,), on_end=ends)
+    end = ends.one()
+    assert (end.key, end.ok, end.value, end.error_type, end.traceback) == ("k", True, 42, "", "")
+    assert before <= end.started <= end.ended
+    assert pool.pending() == 0 and pool.running() == {}
+
+
+@pytest.mark.timeout(20)
+def test_exception_carries_the_remote_traceback(make_pool):
+    end = run_one(make_pool(), pool_jobs.fail, "no good")
+    assert not end.ok and end.value is None
+    assert (end.error_type, end.error_message) == ("ValueError", "no good")
+    assert "in fail" in end.traceback and "pool_jobs.py" in end.traceback
+    assert end.started is not None
+
+
+@pytest.mark.timeout(20)
+def test_unpicklable_result_is_an_error_and_the_pool_goes_on(make_pool):
+    pool = make_pool()
+    end = run_one(pool, pool_jobs.unpicklable_result)
+    assert not end.ok and end.error_type == "MaybeEncodingError"
+    assert "could not be sent" in end.error_message and "lock" in end.error_message
+    assert end.started is not None
+    assert run_one(pool, pool_jobs.double, 1).value == 2
+
+
+@pytest.mark.timeout(20)
+def test_unpicklable_argument_fails_without_starting(make_pool):
+    end = run_one(make_pool(), pool_jobs.double, threading.Lock())
+    assert not end.ok and end.started is None
+    assert "pickle" in end.error_message
+
+
+@pytest.mark.timeout(20)
+def test_running_and_pending_show_a_started_job(make_pool):
+    pool = make_pool()
+    ends = Ends()
+    pool.submit("slow", pool_jobs.sleep, (0.5,), on_end=ends)
+    pid = running_pid(pool, "slow")
+    assert pid in pool.pids() and pool.pending() == 1
+    assert ends.one().value == 0.5
+    assert pool.pending() == 0 and pool.running() == {}
+
+
+@pytest.mark.timeout(20)
+def test_submit_rejects_a_pending_key_and_a_closed_pool(make_pool):
+    pool = make_pool()
+    ends = Ends()
+    pool.submit("k", pool_jobs.sleep, (0.2,), on_end=ends)
+    with pytest.raises(ValueError, match="not ended"):
+        pool.submit("k", pool_jobs.noop, on_end=ends)
+    pool.close()
+    with pytest.raises(ValueError, match="closed"):
+        pool.submit("other", pool_jobs.noop, on_end=ends)
+    assert pool.join(10) and ends.one().ok
+
+
+# -- deaths -------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_sigkill_of_a_busy_child_is_worker_lost_within_a_second(make_pool):
+    pool = make_pool(2)
+    ends = Ends()
+    pool.submit("victim", pool_jobs.sleep, (30,), on_end=ends)
+    pid = running_pid(pool, "victim")
+    old_pids = pool.pids()
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    end = ends.one(timeout=5)
+    assert end.ended - killed < 1.0
+    assert (end.ok, end.error_type) == (False, "WorkerLost")
+    assert end.error_message == f"worker lost: pid {pid} exited with signal SIGKILL"
+    assert end.started is not None and pool.pending() == 0
+    assert_back_to_full_strength(pool, 2, old_pids)
+
+
+@pytest.mark.timeout(20)
+def test_os_exit_in_fn_is_worker_lost(make_pool):
+    pool = make_pool(1)
+    old_pids = pool.pids()
+    end = run_one(pool, pool_jobs.os_exit, 3)
+    assert end.error_type == "WorkerLost"
+    assert end.error_message.endswith("exited with exit code 3")
+    assert_back_to_full_strength(pool, 1, old_pids)
+
+
+@pytest.mark.timeout(20)
+def test_segfault_in_fn_is_worker_lost(make_pool):
+    pool = make_pool(1)
+    old_pids = pool.pids()
+    end = run_one(pool, pool_jobs.segfault)
+    assert end.error_type == "WorkerLost"
+    assert end.error_message.endswith("exited with signal SIGSEGV")
+    assert_back_to_full_strength(pool, 1, old_pids)
+
+
+def proc_state(pid: int) -> str | None:
+    """Linux: the one-letter state in /proc/<pid>/stat; None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def idle(pid: int) -> bool:
+    """The child sleeps in the kernel, i.e. waits for a task (always True off Linux)."""
+    return proc_state(pid) in ("S", None) if sys.platform.startswith("linux") else True
+
+
+@pytest.mark.timeout(20)
+def test_sigkill_of_idle_children_does_not_wedge_the_pool(make_pool):
+    """cpython#96062: a stock SimpleQueue reader blocks *holding* the queue lock; killed there,
+    it keeps the lock forever and no child can take a task again (this test then times out)."""
+    pool = make_pool(2)
+    ends = Ends()
+    for i in range(4):
+        pool.submit(("warm", i), pool_jobs.noop, on_end=ends)
+    ends.wait(4)
+    for _ in range(3):
+        pids = pool.pids()
+        wait_until(lambda: all(idle(pid) for pid in pids), 5, "the children to be idle")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: pool.live_children() == 2 and not set(pool.pids()) & set(pids), 5,
+                   "the pool to replace its killed children")
+    ends = Ends()
+    for i in range(10):
+        pool.submit(("after", i), pool_jobs.double, (i,), on_end=ends)
+    assert sorted(end.value for end in ends.wait(10, timeout=10)) == [2 * i for i in range(10)]
+
+
+# -- time limits --------------------------------------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_hard_time_limit_terminates_the_child(make_pool):
+    pool = make_pool(2)
+    old_pids = pool.pids()
+    end = run_one(pool, pool_jobs.sleep, 30, time_limit=0.3)
+    assert (end.ok, end.error_type) == (False, "TimeLimitExceeded")
+    assert "time limit of 0.3 s exceeded" in end.error_message
+    assert end.error_message.endswith("exited with signal SIGTERM")
+    assert 0.3 <= end.ended - end.started < 1.5
+    assert_back_to_full_strength(pool, 2, old_pids)
+
+
+@pytest.mark.timeout(20)
+def test_hard_time_limit_kills_a_child_that_ignores_sigterm(make_pool):
+    pool = make_pool(1, kill_grace=0.4)
+    old_pids = pool.pids()
+    end = run_one(pool, pool_jobs.sleep_ignoring_sigterm, 30, time_limit=0.2)
+    assert end.error_type == "TimeLimitExceeded"
+    assert end.error_message.endswith("exited with signal SIGKILL")
+    assert 0.6 <= end.ended - end.started < 2.0
+    assert_back_to_full_strength(pool, 1, old_pids)
+
+
+@pytest.mark.timeout(20)
+def test_job_within_its_time_limit_is_not_touched(make_pool):
+    pool = make_pool(1)
+    pid = pool.pids()[0]
+    assert run_one(pool, pool_jobs.sleep, 0.1, time_limit=5).ok
+    assert run_one(pool, pool_jobs.sleep, 0.3).ok  # SIGTERM stays harmless between jobs
+    assert pool.pids() == [pid]
+
+
+@pytest.mark.timeout(20)
+def test_soft_time_limit_raises_inside_fn(make_pool):
+    pool = make_pool(1)
+    end = run_one(pool, pool_jobs.sleep, 30, soft_time_limit=0.2)
+    assert (end.ok, end.error_type) == (False, "SoftTimeLimitExceeded")
+    assert "in sleep" in end.traceback
+    end = run_one(pool, pool_jobs.sleep_and_clean_up, 30, soft_time_limit=0.2)
+    assert (end.ok, end.value) == (True, "cleaned up")
+    # a job that beats its soft limit leaves no timer behind for the next job in that child
+    assert run_one(pool, pool_jobs.sleep, 0.05, soft_time_limit=0.2).ok
+    end = run_one(pool, pool_jobs.sleep_and_clean_up, 0.4)
+    assert (end.ok, end.value) == (True, "not interrupted")
+
+
+# -- callbacks and races -----------------------------------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_on_end_that_raises_is_logged_and_the_pool_goes_on(make_pool, caplog):
+    pool = make_pool(2)
+
+    def bad_on_end(end: JobEnd) -> None:
+        raise RuntimeError("callback bug")
+
+    for i in range(3):
+        pool.submit(("bad", i), pool_jobs.noop, on_end=bad_on_end)
+    assert pool.join(10)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert len(errors) == 3 and "callback bug" in str(errors[0].exc_info[1])
+    assert run_one(pool, pool_jobs.double, 2).value == 4
+
+
+@pytest.mark.timeout(40)
+def test_every_job_ends_exactly_once_under_kills_and_time_limits(make_pool):
+    """Results, deaths and time limits race; each job still ends once, with a sane outcome."""
+    pool = make_pool(2, kill_grace=0.1)
+    ends = Ends()
+    rng = random.Random(1234)
+    count = 400
+    stop = threading.Event()
+
+    def killer() -> None:
+        while not stop.wait(rng.uniform(0.02, 0.1)):
+            pids = pool.pids()
+            if pids:
+                try:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        for i in range(count):
+            seconds = rng.choice([0, 0, 0.001, 0.005, 0.02])
+            pool.submit(i, pool_jobs.sleep, (seconds,), on_end=ends,
+                        time_limit=rng.choice([None, 0.005, 0.02]))
+        assert pool.join(30)
+    finally:
+        stop.set()
+        thread.join()
+    seen = Counter(end.key for end in ends.wait(count))
+    assert len(ends.ends) == count and set(seen) == set(range(count))
+    kinds = Counter(end.error_type for end in ends.ends)
+    assert set(kinds) <= {"", "WorkerLost", "TimeLimitExceeded"}, kinds
+    assert kinds[""] > count // 4, kinds
+    assert pool.pending() == 0
+
+
+@pytest.mark.timeout(20)
+def test_close_and_join_deliver_every_real_result(make_pool):
+    """After close(), children exit on Pool's stop sentinel right after their last result:
+    those exits must not turn finished jobs into WorkerLost."""
+    pool = make_pool(2)
+    ends = Ends()
+    for i in range(200):
+        pool.submit(i, pool_jobs.double, (i,), on_end=ends)
+    pool.close()
+    assert pool.join(15)
+    assert sorted(end.value for end in ends.wait(200)) == [2 * i for i in range(200)]
+    wait_until(lambda: pool.live_children() == 0, 5, "the children to exit after close()")
+
+
+@pytest.mark.timeout(30)
+def test_large_results_from_concurrent_children_arrive_intact(make_pool):
+    pool = make_pool(2)
+    ends = Ends()
+    size = 300_000
+    for seed in range(24):
+        pool.submit(seed, pool_jobs.pattern, (seed, size), on_end=ends)
+    for end in ends.wait(24, timeout=20):
+        assert end.ok and end.value == pool_jobs.pattern(end.key, size)
+
+
+@linux_only
+@pytest.mark.timeout(20)
+def test_parent_threads_and_sockets_do_not_leak_into_children(make_pool):
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait)
+    busy.start()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        st_sock = os.fstat(listener.fileno())
+        try:
+            pool = make_pool(2)
+            end = run_one(pool, pool_jobs.open_file_ids)
+        finally:
+            stop.set()
+            busy.join()
+    assert end.ok
+    assert (st_sock.st_dev, st_sock.st_ino) not in end.value
+
+
+@pytest.mark.timeout(20)
+def test_terminate_kills_children_and_drops_unended_jobs(make_pool):
+    pool = make_pool(2)
+    ends = Ends()
+    pool.submit("long", pool_jobs.sleep_ignoring_sigterm, (30,), on_end=ends)
+    running_pid(pool, "long")
+    pids = pool.pids()
+    pool.terminate()
+    pool.terminate()
+    assert pool.live_children() == 0
+    if sys.platform.startswith("linux"):
+        wait_until(lambda: all(proc_state(pid) in (None, "Z") for pid in pids), 5, "the children to die")
+    assert ends.ends == [] and pool.pending() == 0
+    assert not pool.join(0)
+    with pytest.raises(ValueError):
+        pool.submit("late", pool_jobs.noop, on_end=ends)
+
+
+# -- the result pipe's framing, in one process ---------------------------------------------------
+
+def frames(pid: int, payload: bytes) -> list[bytes]:
+    chunks = [payload[i:i + FRAME_BODY] for i in range(0, len(payload), FRAME_BODY)] or [b""]
+    return [FRAME.pack(pid, (FIRST if i == 0 else 0) | (LAST if i == len(chunks) - 1 else 0)) + c
+            for i, c in enumerate(chunks)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 * FRAME_BODY), min_size=1, max_size=3),
+       truncated=st.integers(1, 2 * FRAME_BODY), order=st.randoms(use_true_random=False))
+def test_result_frames_from_many_writers_reassemble(sizes, truncated, order):
+    """Frames of different writers interleave; a writer that died mid-message is dropped."""
+
+    queue = ResultQueue(ctx=multiprocessing.get_context("spawn"))
+    try:
+        messages = {pid: pickle.dumps(pool_jobs.pattern(pid, size)) for pid, size in
+                    enumerate(sizes, start=100)}
+        streams = [frames(pid, data) for pid, data in messages.items()]
+        dead = frames(7, pickle.dumps(b"x" * truncated))[:-1]  # its writer died before the end
+        streams.append(dead + frames(7, pickle.dumps("after restart")))
+        wire: list[bytes] = []
+        while any(streams):
+            stream = order.choice([s for s in streams if s])
+            wire.append(stream.pop(0))
+        assert sum(map(len, wire)) < 60_000  # fits in the pipe: no reader thread needed
+        for frame in wire:
+            queue._writer.send_bytes(frame)
+        expected = [pool_jobs.pattern(pid, size) for pid, size in enumerate(sizes, start=100)]
+        got = [queue.get() for _ in range(len(expected) + 1)]
+        assert sorted(got, key=repr) == sorted(expected + ["after restart"], key=repr)
+    finally:
+        queue.close()
