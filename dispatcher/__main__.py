@@ -17,7 +17,7 @@ from dispatcher.dispatcher import Dispatcher
 from dispatcher.errors import DispatcherError
 from dispatcher.keys import DEFAULT_PREFIX, PRIORITIES, Keys
 from dispatcher.registry import registry
-from dispatcher.server import default_state_dir, mask_url, resolve_server
+from dispatcher.server import DEFAULT_LOCAL_URL, default_state_dir, mask_url, resolve_server
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Store, connect
 
@@ -25,7 +25,8 @@ logger = logging.getLogger("dispatcher")
 
 EXAMPLE_TASKS = "dispatcher.example"
 # environment variable -> the flag it stands for (a flag on the command line wins)
-ENV_FLAGS = {"REDIS_URL": "redis_url", "DISPATCHER_PREFIX": "prefix", "DISPATCHER_STATE_DIR": "state_dir"}
+ENV_FLAGS = {"REDIS_URL": "redis_url", "DISPATCHER_PREFIX": "prefix", "DISPATCHER_STATE_DIR": "state_dir",
+             "DISPATCHER_LOCAL_URL": "local_url"}
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -39,6 +40,9 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--state-dir", default=default, type=Path, metavar="DIR",
                         help="where a bundled server keeps its data, AOF and log (env "
                              "DISPATCHER_STATE_DIR; default $XDG_STATE_HOME/redis-dispatcher)")
+    parser.add_argument("--local-url", default=default, metavar="URL",
+                        help="where to look for an already running Redis before starting the bundled "
+                             f"one (env DISPATCHER_LOCAL_URL; default {DEFAULT_LOCAL_URL})")
     parser.add_argument("--log-level", default=default, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="default INFO")
 
@@ -105,6 +109,7 @@ def _apply_env(args: argparse.Namespace, env: dict[str, str]) -> None:
         if getattr(args, dest, None) is None and env.get(var):
             setattr(args, dest, env[var])
     args.prefix = args.prefix or DEFAULT_PREFIX
+    args.local_url = args.local_url or DEFAULT_LOCAL_URL
     args.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(env)
 
 
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # --tasks modules next to the user, as with `python -m`
     registry.import_modules(settings.task_modules)
-    server = resolve_server(args.redis_url, args.state_dir)
+    server = resolve_server(args.redis_url, args.state_dir, local_url=args.local_url)
     try:
         return _serve(settings, server)
     finally:

@@ -52,7 +52,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
 
 
 def _url(args: argparse.Namespace) -> str:
-    return args.redis_url or running_server_url(args.state_dir)
+    return args.redis_url or running_server_url(args.state_dir, local_url=args.local_url)
 
 
 def _store(args: argparse.Namespace) -> Store:

@@ -52,7 +52,7 @@ class DispatcherProcess:
 
     def __init__(self, url: str, log_path: Path, *args: str, env: dict | None = None) -> None:
         self.log_path = log_path
-        self.argv = [sys.executable, "-m", "dispatcher", "--redis-url", url, *args]
+        self.argv = [sys.executable, "-m", "dispatcher", *(["--redis-url", url] if url else []), *args]
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=cli_env(env), cwd=str(TESTS_DIR))
