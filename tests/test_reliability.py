@@ -1,0 +1,167 @@
+"""Nothing is lost: child death, time limits, retries, dispatcher death, Redis outages.
+
+Real processes killed with real signals, real servers killed and restarted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from dispatcher import Call, Client, TaskFailed
+from procs import DispatcherProcess, pool_children, run_cli, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def start(redis_url, tmp_path):
+    started = []
+
+    def _start(*args, name=None):
+        proc = DispatcherProcess(redis_url, tmp_path / f"d{len(started)}.log", "--tasks", "e2e_tasks",
+                                 "--retry-backoff", "0.05", "--retry-backoff-max", "0.2", *args)
+        started.append(proc)
+        return proc.wait_ready()
+
+    yield _start
+    for proc in started:
+        proc.close()
+
+
+@pytest.fixture
+def client(redis_url):
+    with Client(redis_url) as c:
+        yield c
+
+
+def pids_of(r, key):
+    return [int(p) for p in r.lrange(key + ":pids", 0, -1)]
+
+
+def test_a_child_killed_mid_task_is_noticed_and_the_task_retried(start, client, r, redis_url):
+    proc = start("--procs", "2")
+    handle = client.enqueue("t.hang_first", redis_url, "k1")
+    [victim] = wait_for(lambda: pids_of(r, "k1"), 10, what="first attempt started")
+    os.kill(victim, signal.SIGKILL)
+    assert handle.result(timeout=20) == 2                       # ran again, and succeeded
+    assert "WorkerLost" in proc.log and "will retry" in proc.log
+    wait_for(lambda: len(pool_children(proc.proc.pid)) == 2 and victim not in pool_children(proc.proc.pid),
+             10, what="pool back to 2 live children")
+    assert client.enqueue("t.echo", 1).result(timeout=20)["args"] == [1]
+
+
+@pytest.mark.parametrize("how", ["exit", "segfault", "sigkill"])
+def test_a_child_that_dies_by_itself_is_retried(start, client, r, redis_url, how):
+    proc = start("--procs", "1")
+    assert client.enqueue("t.crash_first", redis_url, f"c-{how}", how).result(timeout=20) == 2
+    assert "WorkerLost" in proc.log
+    assert client.enqueue("t.echo", 2).result(timeout=20)["args"] == [2]
+
+
+def test_hard_time_limit_from_payload_decorator_and_cli(start, client, r):
+    proc = start("--procs", "2", "--time-limit", "0.5", "--kill-grace", "0.5")
+    # the payload's limit, retried once, then dead with the limit as its error
+    handle = client.enqueue_call(Call("t.span", (30,)), time_limit=0.3, max_retries=1)
+    with pytest.raises(TaskFailed) as failed:
+        handle.result(timeout=30)
+    assert failed.value.error_type == "TimeLimitExceeded"
+    with pytest.raises(TaskFailed, match="TimeLimitExceeded"):   # the decorator's limit (0.5 s, no retries)
+        client.enqueue("t.limited", 30).result(timeout=30)
+    with pytest.raises(TaskFailed, match="TimeLimitExceeded"):   # the CLI's limit
+        client.enqueue_call(Call("t.span", (30,)), max_retries=0).result(timeout=30)
+    assert client.enqueue("t.span", 0.05).result(timeout=10)     # under the limit: fine
+    [letter] = [d for d in json.loads(run_cli("dead", "list", "--json", url=_url(r), check=True).stdout)
+                if d.get("task_id") == handle.id]
+    assert letter["attempts"] == "2" and letter["error"] == "TimeLimitExceeded"
+    wait_for(lambda: len(pool_children(proc.proc.pid)) == 2, 10, what="pool back to 2 children")
+
+
+def test_soft_time_limit_raises_inside_the_task(start, client):
+    start("--procs", "1")
+    assert client.enqueue_call(Call("t.soft", (5,)), soft_time_limit=0.2).result(timeout=20) == "cleaned up"
+
+
+def test_retries_with_backoff_then_success(start, client, r, redis_url):
+    start("--procs", "2")
+    assert client.enqueue("t.flaky", redis_url, "f1", 2).result(timeout=20) == 3
+
+
+def test_retries_spent_go_to_dead_letters_with_everything_needed(start, client, r, redis_url):
+    start("--procs", "2", "--max-retries", "2")
+    handle = client.enqueue("t.flaky", redis_url, "f2", 99)
+    with pytest.raises(TaskFailed, match="flaky failure 3"):
+        handle.result(timeout=20)
+    [letter] = json.loads(run_cli("dead", "list", "--json", url=redis_url, check=True).stdout)
+    assert letter["attempts"] == "3" and letter["error"] == "ConnectionError"
+    assert "flaky failure 3" in letter["traceback"] and letter["dead_at"] and letter["enqueued_at"]
+    assert letter["queue"] == "dispatcher:normal" and letter["task"] == "t.flaky"
+    out = json.loads(run_cli("dead", "requeue", letter["id"], "--json", url=redis_url, check=True).stdout)
+    assert out == {"requeued": [letter["id"]], "not_found": []}
+    wait_for(lambda: r.llen("dispatcher:dead") == 1, 20, what="requeued task to fail its retries again")
+    assert int(r.get("f2")) == 6                                 # requeue gave it a fresh set of retries
+
+
+def test_countdown_waits_in_the_schedule_then_runs(start, client, r):
+    start("--procs", "1")
+    handle = client.enqueue("t.echo", "later", countdown=1.0)
+    assert r.zcard("dispatcher:schedule:normal") == 1 and r.llen("dispatcher:normal") == 0
+    assert handle.outcome(timeout=0.3) is None
+    assert handle.result(timeout=10)["args"] == ["later"]
+    assert r.zcard("dispatcher:schedule:normal") == 0
+
+
+def test_sigkilled_dispatcher_gives_its_tasks_back_when_it_restarts(start, client, r, redis_url):
+    proc = start("--procs", "2", "--name", "d-restart")
+    handles = [client.enqueue("t.counted_sleep", redis_url, f"s{i}", 1.5) for i in range(2)]
+    waiting = client.enqueue("t.echo", "queued")
+    wait_for(lambda: all(r.get(f"s{i}") for i in range(2)), 10, what="both running")
+    proc.kill()
+    assert r.hlen("dispatcher:dispatcher:d-restart:inflight") == 4   # still recorded in Redis
+    start("--procs", "2", "--name", "d-restart")
+    assert sorted(h.result(timeout=30) for h in handles) == [2, 2]    # each ran again, once
+    assert waiting.result(timeout=10)["args"] == ["queued"]
+
+
+def test_a_live_dispatcher_recovers_a_dead_peer_after_its_heartbeat_expires(start, client, r, redis_url):
+    victim = start("--procs", "1", "--heartbeat-ttl", "1", "--name", "victim")
+    handle = client.enqueue("t.counted_sleep", redis_url, "peer", 0.5)
+    wait_for(lambda: r.get("peer"), 10, what="task running on the victim")
+    victim.kill()
+    proc = start("--procs", "1", "--heartbeat-ttl", "1", "--name", "rescuer")
+    assert handle.result(timeout=30) == 2
+    assert "dispatcher victim stopped beating: put 1 of its tasks back" in proc.log
+    assert "victim" not in [m.decode() for m in r.smembers("dispatcher:dispatchers")]
+
+
+def test_a_task_longer_than_three_heartbeat_ttls_runs_exactly_once(start, client, r, redis_url):
+    for name in ("a", "b"):
+        start("--procs", "1", "--heartbeat-ttl", "1", "--name", name)
+    handle = client.enqueue("t.counted_sleep", redis_url, "long", 3.5)
+    assert handle.result(timeout=30) == 1
+    assert int(r.get("long")) == 1
+
+
+def test_redis_outage_is_survived_and_outcomes_are_written_afterwards(start, client, r, redis_server, redis_url):
+    proc = start("--procs", "2")
+    handles = [client.enqueue("t.span", 2.0, str(i)) for i in range(2)]
+    queued = client.enqueue("t.echo", "after")
+    wait_for(lambda: r.llen("dispatcher:normal") == 1, 10, what="two running")
+    time.sleep(1.1)                                              # past one AOF fsync
+    redis_server.kill()
+    time.sleep(10)                                               # the tasks finish while Redis is down
+    redis_server.restart()
+    assert [h.result(timeout=30)["tag"] for h in handles] == ["0", "1"]
+    assert queued.result(timeout=30)["args"] == ["after"]
+    assert "Redis unreachable" in proc.log and "Redis is back" in proc.log
+    [did] = [m.decode() for m in r.smembers("dispatcher:dispatchers")]
+    wait_for(lambda: r.llen(f"dispatcher:dispatcher:{did}:tokens") == 2, 10, what="no token stuck")
+    assert proc.proc.poll() is None
+
+
+def _url(r):
+    kw = r.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/0"
