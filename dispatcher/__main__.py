@@ -142,10 +142,6 @@ def run(args: argparse.Namespace) -> int:
 def _serve(settings: Settings, server: object) -> int:
     keys = Keys(settings.prefix)
     client = connect(server.url)
-    try:
-        client.ping()
-    except REDIS_DOWN as exc:
-        raise DispatcherError(f"cannot reach Redis at {mask_url(server.url)}: {exc}") from exc
     logger.info("redis: %s (%s)", mask_url(server.url), server.source)
     if server.state_dir is not None:
         logger.info("bundled server keeps its data (AOF) in %s", server.state_dir)

@@ -87,18 +87,35 @@ class Dispatcher:
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Claim an id, put back what a previous life left in flight, reset tokens, start workers."""
+    def start(self) -> bool:
+        """Register in Redis (waiting for it if need be), then start workers; False if stopped first."""
         info = {"host": socket.gethostname(), "pid": os.getpid(), "procs": self.settings.procs,
                 "started": outcomes.iso(time.time())}
+        while not self._register(info):
+            if self._signals:
+                return False
+            self._sleep(self._outage.delay)
+        self._redis_back()
+        self._start_workers(info)
+        return True
+
+    def _register(self, info: dict[str, Any]) -> bool:
+        """Claim an id, put back what a previous life left in flight, reset the tokens."""
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
-        self.id = self.settings.name or claim_id(self.store, info["host"], info, ttl_ms)
-        if self.settings.name:
-            self.store.beat(self.id, info, ttl_ms)
-        requeued = self.store.reconcile(self.id, self.settings.procs)
+        try:
+            self.id = self.settings.name or claim_id(self.store, info["host"], info, ttl_ms)
+            if self.settings.name:
+                self.store.beat(self.id, info, ttl_ms)
+            requeued = self.store.reconcile(self.id, self.settings.procs)
+        except REDIS_DOWN as exc:
+            self._redis_down(exc)
+            return False
         if requeued:
             logger.warning("put back %d task(s) this dispatcher (%s) held when it last stopped",
                            requeued, self.id)
+        return True
+
+    def _start_workers(self, info: dict[str, Any]) -> None:
         self._pool = WorkerPool(self.settings.procs, initializer=init_child,
                                 initargs=(self.settings.task_modules,),
                                 start_method=self.settings.start_method,
@@ -119,7 +136,9 @@ class Dispatcher:
 
     def run(self) -> int:
         """Serve until a signal (or stop()); returns the process exit code."""
-        self.start()
+        if not self.start():
+            logger.info("stopped before Redis could be reached")
+            return 0
         try:
             while not self._signals:
                 self.step()
@@ -262,8 +281,8 @@ class Dispatcher:
         outage = self._outage
         if outage.since is None:
             outage.since = time.monotonic()
-            logger.error("Redis unreachable (%s): %d running, %d outcome(s) kept in memory; retrying",
-                         exc, len(self._running), len(self._pending))
+            logger.error("Redis unreachable (%s): %d running, %d outcome(s) kept in memory; retrying "
+                         "with backoff up to %.0fs", exc, len(self._running), len(self._pending), BACKOFF_MAX)
         else:
             outage.delay = min(BACKOFF_MAX, outage.delay * 2)
         self._needs_reconcile = True

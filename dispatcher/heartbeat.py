@@ -38,7 +38,8 @@ def claim_id(store: Store, host: str, info: dict[str, Any], ttl_ms: int,
         if store.claim(candidate, info, ttl_ms):
             return candidate
         old = store.heartbeat_info(candidate)
-        if old and old.get("host") == host and not alive(int(old.get("pid", 0))):
+        pid = int((old or {}).get("pid", 0))
+        if old and old.get("host") == host and (pid == info.get("pid") or not alive(pid)):
             logger.info("dispatcher id %s belonged to pid %s, which is gone: taking it over",
                         candidate, old.get("pid"))
             store.beat(candidate, info, ttl_ms)

@@ -113,11 +113,13 @@ def run(args: argparse.Namespace) -> dict:
         dispatchers = Dispatchers(server.url, workdir, args.procs)
         for slot in (0, 1):
             dispatchers.start(slot)
-        kills_left, redis_restarted = args.k, False
+        # the K kills and the Redis restart fire when the run reaches random points of its progress
+        kill_points = sorted(int(rng.uniform(0.02, 0.9) * args.n) for _ in range(args.k))
+        redis_point, redis_restarted = int(rng.uniform(0.2, 0.7) * args.n), False
         deadline = time.monotonic() + args.timeout
         last_progress, last_count = time.monotonic(), -1
         while time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.2, 1.0))
+            time.sleep(0.05)
             done = _count_unique(r)
             if done is not None and done != last_count:
                 last_progress, last_count = time.monotonic(), done
@@ -126,16 +128,16 @@ def run(args: argparse.Namespace) -> dict:
             if time.monotonic() - last_progress > args.stall:
                 events.append(f"stalled at {done} for {args.stall}s")
                 break
-            if not redis_restarted and done is not None and done >= args.n // 3:
+            if not redis_restarted and done is not None and done >= redis_point:
                 server.kill()
                 events.append(f"redis SIGKILL at {done} done")
                 time.sleep(args.redis_down)
                 server.restart()
                 redis_restarted = True
                 events.append("redis restarted")
-            elif kills_left and done is not None and done < args.n * 0.9:
-                kills_left -= 1
-                events.append(_kill_something(rng, dispatchers))
+            elif kill_points and done is not None and done >= kill_points[0]:
+                kill_points.pop(0)
+                events.append(f"at {done} done: " + _kill_something(rng, dispatchers))
         codes = dispatchers.stop_all()
         ran = [v.decode() for v in r.lrange(RAN_KEY, 0, -1)]
         unique = set(ran)
@@ -160,8 +162,13 @@ def _count_unique(r: redis.Redis) -> int | None:
 def _kill_something(rng: random.Random, dispatchers: Dispatchers) -> str:
     slot = rng.choice(sorted(dispatchers.procs_by_slot))
     proc = dispatchers.procs_by_slot[slot]
-    workers = pool_children(proc.pid) if proc.poll() is None else []
-    if workers and rng.random() < 0.6:
+    workers: list[int] = []
+    if rng.random() < 0.6:  # a child: wait for the pool to be up (a restarted dispatcher takes a moment)
+        deadline = time.monotonic() + 3
+        while not workers and proc.poll() is None and time.monotonic() < deadline:
+            workers = pool_children(proc.pid)
+            time.sleep(0.05)
+    if workers:
         victim = rng.choice(workers)
         try:
             os.kill(victim, signal.SIGKILL)
@@ -178,7 +185,7 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=5000, help="tasks to enqueue (default 5000)")
     parser.add_argument("-k", type=int, default=10, help="children/dispatchers to kill (default 10)")
     parser.add_argument("--procs", type=int, default=2, help="workers per dispatcher (default 2)")
-    parser.add_argument("--task-seconds", type=float, default=0.01, help="most sleep per task (default 0.01)")
+    parser.add_argument("--task-seconds", type=float, default=0.02, help="most sleep per task (default 0.02)")
     parser.add_argument("--redis-down", type=float, default=2.0, help="seconds Redis stays down (default 2)")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
     parser.add_argument("--stall", type=float, default=60, help="give up after this long without progress")

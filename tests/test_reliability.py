@@ -165,3 +165,16 @@ def test_redis_outage_is_survived_and_outcomes_are_written_afterwards(start, cli
 def _url(r):
     kw = r.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/0"
+
+
+def test_a_dispatcher_started_while_redis_is_down_waits_for_it(redis_server, redis_url, tmp_path, client):
+    redis_server.kill()
+    proc = DispatcherProcess(redis_url, tmp_path / "early.log", "--procs", "1", "--tasks", "e2e_tasks")
+    try:
+        wait_for(lambda: "Redis unreachable" in proc.log, 20, what="the outage to be logged")
+        assert proc.proc.poll() is None
+        redis_server.restart()
+        proc.wait_ready()
+        assert client.enqueue("t.echo", "up").result(timeout=20)["args"] == ["up"]
+    finally:
+        proc.close()

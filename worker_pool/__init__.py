@@ -1,0 +1,9 @@
+"""A ``multiprocessing.Pool`` wrapper that never leaks a job: every submitted job ends exactly once.
+
+Generic: it knows nothing about Redis or the dispatcher. See ``worker_pool.pool`` for the
+mechanism and its known windows.
+"""
+from worker_pool.child import SoftTimeLimitExceeded
+from worker_pool.pool import JobEnd, TimeLimitExceeded, WorkerLost, WorkerPool
+
+__all__ = ["JobEnd", "SoftTimeLimitExceeded", "TimeLimitExceeded", "WorkerLost", "WorkerPool"]

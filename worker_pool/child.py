@@ -1,0 +1,95 @@
+"""Code that runs inside the pool's child processes.
+
+A child is a stock ``multiprocessing.pool`` worker; this module adds what the parent needs to
+trust it:
+
+* ``init_child`` (the Pool initializer) makes the parent own the signals: SIGINT is ignored for
+  good, SIGTERM is ignored except while a job's function runs. A hard time limit's SIGTERM can
+  therefore only stop a job, never a child in the middle of reading a task or writing a result
+  (which would leave a queue half written). The parent's SIGKILL after the grace period, and
+  ``Pool.terminate`` (which this package turns into SIGKILL), still stop any child.
+* ``run_job`` wraps the caller's function: it arms the soft time limit, turns *any* exception
+  into plain strings (so an exception that cannot be pickled still gets home), and records when
+  the function started.
+
+The start report ("job J taken by pid P") is written by the task queue itself, while the child
+still holds the queue's read lock; see ``worker_pool.queues.TaskQueue``.
+"""
+from __future__ import annotations
+
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+# (ok, value, started) or (False, (error_type, message, traceback), started)
+Outcome = tuple[bool, Any, float]
+
+
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a job's function when its soft time limit expires.
+
+    The function may catch it to clean up; if it lets it propagate, the job ends with
+    ``error_type == "SoftTimeLimitExceeded"``.
+    """
+
+
+# True only while the job's function runs: the SIGALRM handler raises only then, and at most
+# once per job (it clears the flag itself), so the exception can never escape run_job's
+# bookkeeping and reach the Pool's worker loop.
+_in_fn = False
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    global _in_fn
+    if _in_fn:
+        _in_fn = False
+        raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+def init_child(initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    """Pool initializer: set the signal policy, then call the caller's initializer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def run_job(fn: Callable[..., Any], args: tuple, kwargs: dict, soft_limit: float | None) -> Outcome:
+    """Run ``fn`` under the job's signal policy; never raises (except by the child's death).
+
+    Exceptions travel home as strings rather than objects: an exception class that cannot be
+    pickled or rebuilt in the parent would otherwise turn into a confusing secondary error.
+    """
+    global _in_fn
+    started = time.time()
+    try:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a hard time limit may stop fn
+            _in_fn = True
+            if soft_limit is not None:
+                signal.setitimer(signal.ITIMER_REAL, soft_limit)
+            value = fn(*args, **kwargs)
+        finally:
+            # An alarm that fires before this line raises (and is caught below); after it,
+            # the handler stays silent.
+            _in_fn = False
+    except BaseException as exc:  # noqa: BLE001 -- every failure of fn is the job's result
+        outcome: Outcome = (False, _describe(exc), started)
+    else:
+        outcome = (True, value, started)
+    if soft_limit is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return outcome
+
+
+def _describe(exc: BaseException) -> tuple[str, str, str]:
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 -- a broken __str__ must not hide the original error
+        message = f"<unprintable {type(exc).__name__}>"
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return type(exc).__name__, message, text
