@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""Benchmark redis-dispatcher against a server this script starts, and against raw Pool.
+
+Every figure is the median of --runs runs, all in one invocation, so ratios compare like with
+like on a noisy machine. Prints one table, or JSON with --json.
+
+    python scripts/bench.py             # the README's table (a few minutes)
+    python scripts/bench.py --quick     # smaller, for a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import redis  # noqa: E402
+
+from bench_tasks import burn  # noqa: E402
+from dispatcher import Call, Client  # noqa: E402
+from dispatcher.server import start_server  # noqa: E402
+
+PROCS = 2
+QUEUES = ("dispatcher:high", "dispatcher:normal", "dispatcher:low")
+
+
+class Dispatcher:
+    """One `python -m dispatcher` process for one measurement."""
+
+    def __init__(self, url: str, workdir: Path, *extra: str) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
+        self.log = workdir / f"dispatcher-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "--redis-url", url, "--procs", str(PROCS),
+             "--tasks", "bench_tasks", "--log-level", "WARNING", *extra],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
+
+    def wait_idle(self, r: redis.Redis, timeout: float = 30) -> None:
+        """Ready when registered with all tokens free and its workers have run a task."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log.read_text())
+            ids = r.smembers("dispatcher:dispatchers")
+            if ids and all(r.llen(f"dispatcher:dispatcher:{i.decode()}:tokens") == PROCS for i in ids):
+                return
+            time.sleep(0.01)
+        raise RuntimeError("dispatcher not ready")
+
+    def peak_rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        return -1
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def reset(r: redis.Redis) -> None:
+    """The bench owns its server: start each measurement from an empty database."""
+    r.flushdb()
+
+
+def warm(url: str, r: redis.Redis, d: Dispatcher) -> None:
+    """Run a few tasks so every child has imported everything before timing starts."""
+    with Client(url) as c:
+        for h in c.enqueue_many([("bench.noop", ())] * (PROCS * 4)):
+            h.result(timeout=30)
+
+
+def drained(r: redis.Redis) -> bool:
+    pipe = r.pipeline(transaction=False)
+    for q in QUEUES:
+        pipe.llen(q)
+    ids = r.smembers("dispatcher:dispatchers")
+    for i in ids:
+        pipe.hlen(f"dispatcher:dispatcher:{i.decode()}:inflight")
+    return not any(pipe.execute())
+
+
+def bench_drain(url: str, r: redis.Redis, workdir: Path, n: int) -> dict:
+    """N no-op tasks already queued; a dispatcher starts; time until the last one finished."""
+    reset(r)
+    elements = [b'{"task":"bench.noop"}'] * 1000
+    for _ in range(n // 1000):
+        r.lpush("dispatcher:normal", *elements)
+    t_spawn = time.perf_counter()
+    d = Dispatcher(url, workdir)
+    samples = []  # (time, remaining)
+    t_first = None
+    while True:
+        remaining = r.llen("dispatcher:normal")
+        now = time.perf_counter()
+        if t_first is None and remaining < n:
+            t_first = now
+        samples.append((now, remaining))
+        if remaining == 0 and drained(r):
+            break
+        time.sleep(0.005)
+    t_end = time.perf_counter()
+    d.stop()
+    steady = _steady_rate(samples, n)
+    return {"drain_per_s": n / (t_end - t_first), "steady_per_s": steady,
+            "with_startup_per_s": n / (t_end - t_spawn), "startup_s": t_first - t_spawn}
+
+
+def _steady_rate(samples: list[tuple[float, int]], n: int) -> float:
+    """Rate while the backlog went from 80% to 20% of n: no start-up, no tail."""
+    t80 = next(t for t, left in samples if left <= 0.8 * n)
+    t20 = next(t for t, left in samples if left <= 0.2 * n)
+    return 0.6 * n / (t20 - t80) if t20 > t80 else float("nan")
+
+
+def bench_enqueue(url: str, r: redis.Redis, n: int) -> dict:
+    reset(r)
+    with Client(url) as c:
+        t0 = time.perf_counter()
+        for _ in range(n // 10):
+            c.enqueue("bench.noop")
+        single = (n // 10) / (time.perf_counter() - t0)
+        calls = [Call("bench.noop")] * 1000
+        t0 = time.perf_counter()
+        for _ in range(n // 1000):
+            c.enqueue_many(calls, result=False)
+        many = (n // 1000 * 1000) / (time.perf_counter() - t0)
+    return {"enqueue_per_s": single, "enqueue_many_per_s": many}
+
+
+def bench_latency(url: str, r: redis.Redis, workdir: Path, count: int) -> dict:
+    """An idle dispatcher; tasks pushed 5 ms apart; push -> task start, in ms."""
+    reset(r)
+    d = Dispatcher(url, workdir)
+    d.wait_idle(r)
+    lat = []
+    with Client(url) as c:
+        warm(url, r, d)
+        handles = []
+        for _ in range(count):
+            pushed = time.time()
+            handles.append((pushed, c.enqueue("bench.stamp")))
+            time.sleep(0.005)
+        lat = [(h.result(timeout=30) - pushed) * 1000 for pushed, h in handles]
+    d.stop()
+    lat.sort()
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    return {"p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99), "max_ms": lat[-1]}
+
+
+def calibrate_burn(target: float = 0.02) -> tuple[int, float]:
+    loops = 20_000
+    while True:
+        t0 = time.perf_counter()
+        burn(loops)
+        took = time.perf_counter() - t0
+        if took > 0.005:
+            loops = int(loops * target / took)
+            break
+        loops *= 4
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        burn(loops)
+        times.append(time.perf_counter() - t0)
+    return loops, statistics.median(times)
+
+
+def bench_cpu(url: str, r: redis.Redis, workdir: Path, count: int, loops: int, single: float) -> dict:
+    reset(r)
+    d = Dispatcher(url, workdir)
+    d.wait_idle(r)
+    warm(url, r, d)
+    with Client(url) as c:
+        t0 = time.perf_counter()
+        handles = c.enqueue_many([("bench.burn", (loops,))] * count)
+        for h in handles:
+            h.result(timeout=120)
+        wall = time.perf_counter() - t0
+    d.stop()
+    ideal = count * single / PROCS
+    return {"cpu_wall_s": wall, "cpu_ideal_s": ideal, "cpu_efficiency": ideal / wall}
+
+
+def bench_priority(url: str, r: redis.Redis, workdir: Path, lows: int, highs: int) -> dict:
+    """Lows queued; highs pushed mid-run; count lows that started while a high waited in Redis."""
+    reset(r)
+    with Client(url) as c:
+        low_handles = c.enqueue_many([("bench.stamp", ())] * lows, priority="low")
+        d = Dispatcher(url, workdir)
+        while r.llen("dispatcher:low") > lows // 2:
+            time.sleep(0.001)
+        first_high_pushed = time.time()
+        high_handles = c.enqueue_many([("bench.stamp", ())] * highs, priority="high")
+        high_starts = [h.result(timeout=60) for h in high_handles]
+        low_starts = [h.result(timeout=120) for h in low_handles]
+    d.stop()
+    last_high = max(high_starts)
+    overtaking = sum(1 for s in low_starts if first_high_pushed < s < last_high)
+    return {"low_started_while_high_waited": overtaking}
+
+
+def bench_rss(url: str, r: redis.Redis, workdir: Path, queued: int, seconds: float = 3.0) -> int:
+    """Peak RSS (KiB) of a dispatcher serving for a while with `queued` tasks waiting."""
+    reset(r)
+    element = [b'{"task":"bench.noop"}'] * 10_000
+    pipe = r.pipeline(transaction=False)
+    for i in range(queued // 10_000 or 1):
+        pipe.lpush("dispatcher:low", *(element if queued >= 10_000 else element[:queued]))
+        if i % 10 == 9:
+            pipe.execute()
+    pipe.execute()
+    d = Dispatcher(url, workdir)
+    time.sleep(seconds)
+    rss = d.peak_rss_kb()
+    d.stop()
+    return rss
+
+
+def _pool_noop() -> None:
+    return None
+
+
+def bench_raw_pool(n: int) -> dict:
+    """The ceiling: multiprocessing.Pool.apply_async no-ops, unbounded and one job per child."""
+    ctx = multiprocessing.get_context("forkserver")
+    with ctx.Pool(PROCS) as pool:
+        pool.apply_async(_pool_noop).get()
+        t0 = time.perf_counter()
+        results = [pool.apply_async(_pool_noop) for _ in range(n)]
+        for res in results:
+            res.get()
+        unbounded = n / (time.perf_counter() - t0)
+        free = threading.Semaphore(PROCS)
+        done = threading.Event()
+        left = [n]
+
+        def back(_):
+            free.release()
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            free.acquire()
+            pool.apply_async(_pool_noop, callback=back)
+        done.wait()
+        bounded = n / (time.perf_counter() - t0)
+    return {"raw_pool_per_s": unbounded, "raw_pool_one_per_child_per_s": bounded}
+
+
+def median_of(runs: int, fn, *args) -> dict:
+    results = [fn(*args) for _ in range(runs)]
+    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median); default 3")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, one run, no 1M RSS")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    runs = 1 if args.quick else args.runs
+    n_drain = 5_000 if args.quick else 20_000
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    server = start_server(workdir / "redis", appendfsync="everysec")
+    r = redis.Redis.from_url(server.url)
+    out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                 "procs": PROCS}
+    try:
+        out.update(median_of(runs, bench_raw_pool, n_drain))
+        out.update(median_of(runs, bench_drain, server.url, r, workdir, n_drain))
+        out["ratio_to_raw_pool"] = out["drain_per_s"] / out["raw_pool_per_s"]
+        out.update(median_of(runs, bench_enqueue, server.url, r, n_drain))
+        out.update(median_of(runs, bench_latency, server.url, r, workdir, 100 if args.quick else 300))
+        loops, single = calibrate_burn()
+        out["cpu_task_ms"] = single * 1000
+        out.update(median_of(runs, bench_cpu, server.url, r, workdir, 50 if args.quick else 200, loops, single))
+        out.update(median_of(runs, bench_priority, server.url, r, workdir, 500 if args.quick else 2000, 20))
+        out["rss_kb_1k_queued"] = bench_rss(server.url, r, workdir, 1_000)
+        if not args.quick:
+            out["rss_kb_1m_queued"] = bench_rss(server.url, r, workdir, 1_000_000)
+    finally:
+        server.stop()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(out)
+    return 0
+
+
+def print_table(out: dict) -> None:
+    rows = [
+        ("machine", out["machine"], ""),
+        ("raw Pool.apply_async no-op ceiling", f"{out['raw_pool_per_s']:,.0f} /s",
+         f"one job per child: {out['raw_pool_one_per_child_per_s']:,.0f} /s"),
+        (f"no-op drain, --procs {PROCS}", f"{out['drain_per_s']:,.0f} /s",
+         f"steady {out['steady_per_s']:,.0f} /s; {out['ratio_to_raw_pool']:.2f} x raw pool; "
+         f"with process start-up {out['with_startup_per_s']:,.0f} /s"),
+        ("enqueue, single calls", f"{out['enqueue_per_s']:,.0f} /s", ""),
+        ("enqueue_many (1000 per call)", f"{out['enqueue_many_per_s']:,.0f} /s", ""),
+        ("latency push -> start, idle", f"p50 {out['p50_ms']:.2f} ms",
+         f"p90 {out['p90_ms']:.2f}, p99 {out['p99_ms']:.2f}, max {out['max_ms']:.2f} ms"),
+        (f"CPU-bound {out['cpu_task_ms']:.0f} ms tasks", f"efficiency {out['cpu_efficiency']:.3f}",
+         f"wall {out['cpu_wall_s']:.2f} s vs ideal {out['cpu_ideal_s']:.2f} s"),
+        ("priority: lows started while a high waited", str(out["low_started_while_high_waited"]), ""),
+        ("dispatcher peak RSS, 1k queued", f"{out['rss_kb_1k_queued'] / 1024:.1f} MB", ""),
+    ]
+    if "rss_kb_1m_queued" in out:
+        rows.append(("dispatcher peak RSS, 1M queued", f"{out['rss_kb_1m_queued'] / 1024:.1f} MB",
+                     f"difference {(out['rss_kb_1m_queued'] - out['rss_kb_1k_queued']) / 1024:+.1f} MB"))
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>18}  {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Tasks scripts/bench.py runs."""
+from __future__ import annotations
+
+import time
+
+from dispatcher import task
+
+
+@task(name="bench.noop")
+def noop() -> None:
+    return None
+
+
+@task(name="bench.stamp")
+def stamp() -> float:
+    """When the task started, by the wall clock (the bench runs on one machine)."""
+    return time.time()
+
+
+@task(name="bench.burn")
+def burn(loops: int) -> int:
+    """A fixed amount of pure-Python work (the bench calibrates loops to about 20 ms)."""
+    total = 0
+    for i in range(loops):
+        total += i * i % 7
+    return total
