@@ -228,9 +228,9 @@ class Dispatcher:
         self._wake.set()
 
     def _collect(self) -> None:
-        now = time.time()
         while self._outbox:
             end = self._outbox.popleft()
+            now = time.time()
             running = self._running.pop(end.key, None)
             if running is None:
                 logger.error("job end for unknown slot %r ignored", end.key)

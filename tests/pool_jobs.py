@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -24,6 +25,10 @@ def double(x: int) -> int:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+def sys_exit(code: int) -> None:
+    sys.exit(code)
 
 
 def unpicklable_result() -> threading.Lock:
@@ -62,6 +67,10 @@ def pattern(seed: int, size: int) -> bytes:
     """A payload whose every byte depends on the seed, so mixed-up frames would show."""
     block = bytes((seed + i) % 251 for i in range(251))
     return (block * (size // 251 + 1))[:size]
+
+
+def checksum(data: bytes) -> int:
+    return sum(data[::97]) + len(data)
 
 
 def open_file_ids() -> set[tuple[int, int]]:

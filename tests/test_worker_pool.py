@@ -4,6 +4,7 @@ Real processes, real signals. Every wait polls a condition against a deadline.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -22,11 +23,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))  # children import pool_jobs by name too
+HERE = str(Path(__file__).parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # pool children import pool_jobs by name; they inherit sys.path
 
 import pool_jobs  # noqa: E402
+
 from worker_pool import JobEnd, WorkerPool  # noqa: E402
-from worker_pool.queues import FIRST, FRAME, FRAME_BODY, LAST, ResultQueue  # noqa: E402
+from worker_pool.queues import FIRST, FRAME, FRAME_BODY, LAST, ResultQueue, TaskQueue  # noqa: E402
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
@@ -115,6 +119,15 @@ def test_exception_carries_the_remote_traceback(make_pool):
     assert (end.error_type, end.error_message) == ("ValueError", "no good")
     assert "in fail" in end.traceback and "pool_jobs.py" in end.traceback
     assert end.started is not None
+
+
+@pytest.mark.timeout(20)
+def test_system_exit_in_fn_is_an_error_not_a_death(make_pool):
+    pool = make_pool(1)
+    pid = pool.pids()[0]
+    end = run_one(pool, pool_jobs.sys_exit, 5)
+    assert (end.ok, end.error_type, end.error_message) == (False, "SystemExit", "5")
+    assert pool.pids() == [pid]
 
 
 @pytest.mark.timeout(20)
@@ -211,6 +224,15 @@ def idle(pid: int) -> bool:
     return proc_state(pid) in ("S", None) if sys.platform.startswith("linux") else True
 
 
+def kill_idle_children(pool: WorkerPool, procs: int) -> None:
+    pids = set(pool.pids())
+    wait_until(lambda: all(idle(pid) for pid in pids), 5, "the children to be idle")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: pool.live_children() == procs and not set(pool.pids()) & pids, 5,
+               "the pool to replace its killed children")
+
+
 @pytest.mark.timeout(20)
 def test_sigkill_of_idle_children_does_not_wedge_the_pool(make_pool):
     """cpython#96062: a stock SimpleQueue reader blocks *holding* the queue lock; killed there,
@@ -221,12 +243,7 @@ def test_sigkill_of_idle_children_does_not_wedge_the_pool(make_pool):
         pool.submit(("warm", i), pool_jobs.noop, on_end=ends)
     ends.wait(4)
     for _ in range(3):
-        pids = pool.pids()
-        wait_until(lambda: all(idle(pid) for pid in pids), 5, "the children to be idle")
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: pool.live_children() == 2 and not set(pool.pids()) & set(pids), 5,
-                   "the pool to replace its killed children")
+        kill_idle_children(pool, 2)
     ends = Ends()
     for i in range(10):
         pool.submit(("after", i), pool_jobs.double, (i,), on_end=ends)
@@ -264,6 +281,20 @@ def test_job_within_its_time_limit_is_not_touched(make_pool):
     pid = pool.pids()[0]
     assert run_one(pool, pool_jobs.sleep, 0.1, time_limit=5).ok
     assert run_one(pool, pool_jobs.sleep, 0.3).ok  # SIGTERM stays harmless between jobs
+    assert pool.pids() == [pid]
+
+
+@pytest.mark.timeout(20)
+def test_children_ignore_sigint_and_sigterm_between_jobs(make_pool):
+    """The parent owns Ctrl-C; SIGTERM only acts while a job's function runs."""
+    pool = make_pool(1)
+    ends = Ends()
+    pool.submit("busy", pool_jobs.sleep, (0.3,), on_end=ends)
+    pid = running_pid(pool, "busy")
+    os.kill(pid, signal.SIGINT)
+    assert ends.one().ok
+    os.kill(pid, signal.SIGTERM)  # idle now
+    assert run_one(pool, pool_jobs.double, 3).value == 6
     assert pool.pids() == [pid]
 
 
@@ -308,13 +339,12 @@ def test_every_job_ends_exactly_once_under_kills_and_time_limits(make_pool):
     stop = threading.Event()
 
     def killer() -> None:
-        while not stop.wait(rng.uniform(0.02, 0.1)):
+        krng = random.Random(5678)
+        while not stop.wait(krng.uniform(0.02, 0.1)):
             pids = pool.pids()
             if pids:
-                try:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(krng.choice(pids), signal.SIGKILL)
 
     thread = threading.Thread(target=killer)
     thread.start()
@@ -360,6 +390,19 @@ def test_large_results_from_concurrent_children_arrive_intact(make_pool):
         assert end.ok and end.value == pool_jobs.pattern(end.key, size)
 
 
+@pytest.mark.timeout(20)
+def test_big_arguments_travel_through_a_spill_file(make_pool):
+    pool = make_pool(2)
+    ends = Ends()
+    payloads = {seed: pool_jobs.pattern(seed, 200_000) for seed in range(6)}
+    for seed, payload in payloads.items():
+        pool.submit(seed, pool_jobs.checksum, (payload,), on_end=ends)
+    for end in ends.wait(6):
+        assert end.ok and end.value == pool_jobs.checksum(payloads[end.key])
+    spill_dir = pool._pool._inqueue._spill_dir
+    assert spill_dir is not None and os.listdir(spill_dir) == []
+
+
 @linux_only
 @pytest.mark.timeout(20)
 def test_parent_threads_and_sockets_do_not_leak_into_children(make_pool):
@@ -391,11 +434,59 @@ def test_terminate_kills_children_and_drops_unended_jobs(make_pool):
     pool.terminate()
     assert pool.live_children() == 0
     if sys.platform.startswith("linux"):
-        wait_until(lambda: all(proc_state(pid) in (None, "Z") for pid in pids), 5, "the children to die")
+        wait_until(lambda: all(proc_state(pid) in (None, "Z") for pid in pids), 5,
+                   "the children to die")
     assert ends.ends == [] and pool.pending() == 0
     assert not pool.join(0)
     with pytest.raises(ValueError):
         pool.submit("late", pool_jobs.noop, on_end=ends)
+
+
+# -- the task ledger, in one process: a "dead reader" here is a read with no start report --------
+
+@pytest.fixture
+def task_queue() -> Iterator[TaskQueue]:
+    report_in, report_out = multiprocessing.Pipe(duplex=False)
+    queue = TaskQueue(ctx=multiprocessing.get_context("spawn"), report=report_out)
+    yield queue
+    queue.remove_spill_dir()
+    queue.close()
+    report_in.close()
+    report_out.close()
+
+
+def put_tasks(queue: TaskQueue, jobs: list[int]) -> None:
+    for job in jobs:
+        queue.put((job, 0, pool_jobs.double, (job,), {}))
+
+
+@pytest.mark.timeout(10)
+def test_a_report_that_skips_jobs_names_them_lost(task_queue):
+    put_tasks(task_queue, [10, 11, 12, 13])
+    task_queue.discard_one()                  # job 10: its reader dies before reporting
+    task_queue.discard_one()                  # job 11: taken and reported
+    assert task_queue.taken(11) == [10]
+    task_queue.discard_one()                  # job 12: taken and reported
+    assert task_queue.taken(12) == []
+
+
+@pytest.mark.timeout(10)
+def test_the_audit_finds_a_job_taken_without_a_report(task_queue):
+    put_tasks(task_queue, [20, 21])
+    task_queue.put(None)                      # Pool's stop sentinel: never reported, never lost
+    task_queue.put((22, 0, pool_jobs.checksum, (b"x" * 50_000,), {}))  # spilled
+    put_tasks(task_queue, [23])
+    with task_queue.frozen(timeout=1) as frozen:
+        assert frozen and task_queue.unreported_takes() == []
+    task_queue.discard_one()                  # job 20, reported
+    assert task_queue.taken(20) == []
+    for _ in range(3):                        # job 21, the sentinel and job 22: readers die
+        task_queue.discard_one()
+    with task_queue.frozen(timeout=1) as frozen:
+        assert frozen and task_queue.unreported_takes() == [21, 22]
+        assert task_queue.unreported_takes() == []
+    task_queue.discard_one()
+    assert task_queue.taken(23) == []
 
 
 # -- the result pipe's framing, in one process ---------------------------------------------------
@@ -406,6 +497,7 @@ def frames(pid: int, payload: bytes) -> list[bytes]:
             for i, c in enumerate(chunks)]
 
 
+@pytest.mark.timeout(30)
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(0, 3 * FRAME_BODY), min_size=1, max_size=3),
        truncated=st.integers(1, 2 * FRAME_BODY), order=st.randoms(use_true_random=False))

@@ -1,0 +1,123 @@
+"""What ``worker_pool`` changes in ``multiprocessing.pool.Pool`` (CPython 3.10-3.13), in one place.
+
+* ``_setup_queues``: the lock-safe queues of ``worker_pool.queues``.
+* ``Process``: Pool calls ``self.Process`` for every child it starts; the override reports each
+  new child to the watchdog before the child can run anything, and makes ``terminate()`` of a
+  child mean SIGKILL (children ignore SIGTERM between jobs, see ``worker_pool.child``, so the
+  stock SIGTERM in ``Pool.terminate`` would leave them running and its join hanging).
+* ``_help_stuff_finish`` (terminate): never waits forever for the task queue's read lock.
+
+``Barrier`` is a fake entry of ``Pool._cache``: the result handler meets it only after every
+result that was in the result pipe when the barrier was sent.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing.pool
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Hashable
+from multiprocessing import context
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from worker_pool.queues import ResultQueue, TaskQueue
+
+logger = logging.getLogger(__name__)
+
+
+class _KillOnTerminate:
+    def terminate(self) -> None:
+        self.kill()  # type: ignore[attr-defined]
+
+
+class _ForkServerWorker(_KillOnTerminate, context.ForkServerProcess):
+    pass
+
+
+class _SpawnWorker(_KillOnTerminate, context.SpawnProcess):
+    pass
+
+
+class _ForkWorker(_KillOnTerminate, context.ForkProcess):
+    pass
+
+
+_WORKERS = {"forkserver": _ForkServerWorker, "spawn": _SpawnWorker, "fork": _ForkWorker}
+
+
+class ProcessPool(multiprocessing.pool.Pool):
+    """``multiprocessing.pool.Pool`` with lock-safe queues and a hook on every new child."""
+
+    _inqueue: TaskQueue
+    _outqueue: ResultQueue
+
+    def __init__(self, procs: int, initializer: Callable, initargs: tuple,
+                 ctx: context.BaseContext, report: Connection,
+                 on_new_child: Callable[[BaseProcess], None]) -> None:
+        self._report = report
+        self._on_new_child = on_new_child
+        super().__init__(procs, initializer, initargs, context=ctx)
+
+    def Process(self, ctx: context.BaseContext, *args: Any, **kwds: Any) -> Any:  # noqa: N802
+        # Shadows Pool.Process, a staticmethod, on purpose (see the module docstring).
+        proc = _WORKERS[ctx.get_start_method()](*args, **kwds)
+        self._on_new_child(proc)
+        return proc
+
+    def _setup_queues(self) -> None:
+        self._inqueue = TaskQueue(ctx=self._ctx, report=self._report)
+        self._outqueue = ResultQueue(ctx=self._ctx)
+        self._quick_put = self._inqueue.put
+        self._quick_get = self._outqueue.get
+
+    @staticmethod
+    def _help_stuff_finish(inqueue: TaskQueue, task_handler: threading.Thread, size: int) -> None:
+        # Like the stock method: drain queued tasks so that the task handler can exit.
+        if not inqueue._rlock.acquire(timeout=1.0):
+            logger.warning("task queue read lock still held after 1 s; not draining it")
+            return
+        while task_handler.is_alive() and inqueue._reader.poll():
+            inqueue.discard_one()
+            time.sleep(0)
+
+
+class Barrier:
+    """Runs ``action`` in the result handler once every result sent before it was handled."""
+
+    def __init__(self, cache: dict, key: Hashable, action: Callable[[], None]) -> None:
+        self._cache, self._key, self._action = cache, key, action
+
+    def _set(self, i: int, obj: Any) -> None:  # what the result handler calls on a cache entry
+        try:
+            self._action()
+        except Exception:  # noqa: BLE001 -- must not kill Pool's result handler (gh-83371)
+            logger.exception("worker pool: a barrier action failed")
+        finally:
+            del self._cache[self._key]
+
+    @staticmethod
+    def send(pool: ProcessPool, key: Hashable, action: Callable[[], None]) -> None:
+        pool._cache[key] = Barrier(pool._cache, key, action)
+        pool._outqueue.put((key, 0, None))
+
+
+def send_signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """"exited with signal SIGKILL", "exited with exit code 3"."""
+    if exitcode is None:
+        return "exited (status unknown)"
+    if exitcode < 0:
+        try:
+            return f"exited with signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"exited with signal {-exitcode}"
+    return f"exited with exit code {exitcode}"
