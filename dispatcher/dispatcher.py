@@ -160,12 +160,17 @@ class Dispatcher:
         self._wake.clear()
         self._collect()
         try:
-            self._flush()
+            if self._needs_reconcile or not fetch:
+                self._flush()
             if self._needs_reconcile:
                 self._reconcile()
             timeout = self._fill() if fetch else SIGNAL_CHECK
         except REDIS_DOWN as exc:
             timeout = self._redis_down(exc)
+        except Exception:  # the loop's edge: log, back off, resync with Redis, go on
+            logger.exception("dispatcher loop error; retrying after a pause")
+            self._needs_reconcile = True
+            timeout = BACKOFF_MAX
         else:
             self._redis_back()
         self._sleep(timeout)
@@ -179,15 +184,17 @@ class Dispatcher:
                 return
             self._wake.wait(min(left, SIGNAL_CHECK))
 
-    def _free_slots(self) -> int:
-        return self.settings.procs - len(self._running) - len(self._pending)
-
     def _fill(self) -> float:
-        """Fetch for every free slot; returns how long the loop may sleep (0: go again now)."""
-        free = self._free_slots()
+        """Write pending outcomes and fetch for every free slot, in one round trip.
+
+        Returns how long the loop may sleep (0: go again now). Slots of pending outcomes count
+        as free: the same round trip gives their tokens back before the fetch runs.
+        """
+        free = self.settings.procs - len(self._running)
         if free <= 0:
             return IDLE_WAIT  # a finishing task wakes us
-        got = self.store.fetch(self.id, min(free, self.settings.batch))
+        got = self.store.finish_and_fetch(self.id, self._pending, min(free, self.settings.batch))
+        self._pending = []
         if isinstance(got, int):
             if got == -2:
                 logger.warning("Redis holds no free token for %d free slot(s); reconciling", free)
