@@ -15,7 +15,7 @@ from typing import Sequence
 from dispatcher import cli_tools
 from dispatcher.dispatcher import Dispatcher
 from dispatcher.errors import DispatcherError
-from dispatcher.keys import DEFAULT_PREFIX, PRIORITIES, Keys
+from dispatcher.keys import DEFAULT_PREFIX, Keys
 from dispatcher.registry import registry
 from dispatcher.server import DEFAULT_LOCAL_URL, default_state_dir, mask_url, resolve_server
 from dispatcher.settings import Settings

@@ -7,23 +7,13 @@ hours is never handed to anyone else while its dispatcher lives.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any, Callable
 
+from dispatcher.server import pid_alive
 from dispatcher.store import REDIS_DOWN, Store
 
 logger = logging.getLogger(__name__)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def claim_id(store: Store, host: str, info: dict[str, Any], ttl_ms: int,

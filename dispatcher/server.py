@@ -104,7 +104,7 @@ class RedisServer:
                 logger.warning("redis server pid %s ignored SIGTERM for %ss; killing it", self.pid, timeout)
                 self._signal(signal.SIGKILL)
                 self._wait_gone(timeout)
-        elif _pid_alive(self._pid):
+        elif pid_alive(self._pid):
             logger.warning("leaving pid %s alone: it no longer answers as the server at %s",
                            self._pid, self.url)
         _remove_record(self._launch.state_dir, self.pid)
@@ -136,7 +136,7 @@ class RedisServer:
             return False
         if self.process is not None:
             return self.process.poll() is None
-        return _pid_alive(self._pid) and _server_state(self.url)[0] == self._pid
+        return pid_alive(self._pid) and _server_state(self.url)[0] == self._pid
 
     def _signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -148,7 +148,7 @@ class RedisServer:
                 self.process.wait(timeout)
             return self.process.poll() is not None
         deadline = time.monotonic() + timeout
-        while _pid_alive(self._pid):  # not our child: no wait() for it, so poll
+        while pid_alive(self._pid):  # not our child: no wait() for it, so poll
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
@@ -209,7 +209,7 @@ def recorded_server(state_dir: Path) -> RedisServer | None:
     if found is None:
         return None
     launch, pid, owner = found
-    adopt = not isinstance(owner, int) or owner == os.getpid() or not _pid_alive(owner)
+    adopt = not isinstance(owner, int) or owner == os.getpid() or not pid_alive(owner)
     if adopt:
         _write_record(launch, pid)
     return RedisServer(url=_url(launch.host, launch.port), source="embedded", state_dir=launch.state_dir,
@@ -299,7 +299,7 @@ def _recorded(state_dir: Path) -> tuple[_Launch, int, object] | None:
                          bool(record.get("appendonly", True)), str(record.get("appendfsync", "everysec")))
     except (KeyError, TypeError, ValueError):
         return None
-    if not _pid_alive(pid) or _server_state(_url(host, port))[0] != pid:
+    if not pid_alive(pid) or _server_state(_url(host, port))[0] != pid:
         logger.info("ignoring stale %s: pid %s no longer serves port %s", state_dir / RECORD_FILE, pid, port)
         return None
     return launch, pid, record.get("owner")
@@ -466,7 +466,7 @@ def _url(host: str, port: int) -> str:
     return f"redis://[{host}]:{port}/0" if ":" in host else f"redis://{host}:{port}/0"
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
     if not pid or pid <= 0:
         return False

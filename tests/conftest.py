@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from dispatcher import Client
 from dispatcher.errors import ServerNotFound
+from procs import DispatcherProcess
 from dispatcher.server import RedisServer, find_server_binary, recorded_server, start_server
 
 DEFAULT_TIMEOUT = 60  # seconds; setup.cfg sets the same, this covers runs that bypass it
@@ -142,6 +144,30 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def start(redis_url: str, tmp_path: Path) -> Iterator:
+    """start(*flags, tasks=("e2e_tasks",)) -> a ready `python -m dispatcher` serving the test tasks.
+
+    Every dispatcher started is stopped in teardown (SIGTERM, then SIGKILL)."""
+    started: list[DispatcherProcess] = []
+
+    def _start(*flags: str, tasks: tuple[str, ...] = ("e2e_tasks",), ready: bool = True) -> DispatcherProcess:
+        task_flags = [f for t in tasks for f in ("--tasks", t)]
+        proc = DispatcherProcess(redis_url, tmp_path / f"dispatcher-{len(started)}.log", *task_flags, *flags)
+        started.append(proc)
+        return proc.wait_ready() if ready else proc
+
+    yield _start
+    for proc in started:
+        proc.close()
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Client]:
+    with Client(redis_url) as c:
+        yield c
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from chaos import pool_children  # noqa: E402  (re-exported: the chaos script and the tests kill the same children)
+from chaos import pool_children  # noqa: E402,F401  (re-exported: the chaos script and the tests kill the same children)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,

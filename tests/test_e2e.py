@@ -7,32 +7,10 @@ import time
 
 import pytest
 
-from dispatcher import Call, Client, TaskFailed
-from procs import DispatcherProcess, run_cli, wait_for
+from dispatcher import Call, TaskFailed
+from procs import run_cli, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def start(redis_url, tmp_path):
-    """start(*args) -> a ready DispatcherProcess serving e2e_tasks; all are stopped in teardown."""
-    started = []
-
-    def _start(*args, tasks=("e2e_tasks",), ready=True):
-        flags = [a for t in tasks for a in ("--tasks", t)]
-        proc = DispatcherProcess(redis_url, tmp_path / f"dispatcher-{len(started)}.log", *flags, *args)
-        started.append(proc)
-        return proc.wait_ready() if ready else proc
-
-    yield _start
-    for proc in started:
-        proc.close()
-
-
-@pytest.fixture
-def client(redis_url):
-    with Client(redis_url) as c:
-        yield c
 
 
 def tokens_free(r, prefix="dispatcher"):

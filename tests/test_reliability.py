@@ -11,31 +11,16 @@ import time
 
 import pytest
 
-from dispatcher import Call, Client, TaskFailed
+from dispatcher import Call, TaskFailed
 from procs import DispatcherProcess, pool_children, run_cli, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def start(redis_url, tmp_path):
-    started = []
-
-    def _start(*args, name=None):
-        proc = DispatcherProcess(redis_url, tmp_path / f"d{len(started)}.log", "--tasks", "e2e_tasks",
-                                 "--retry-backoff", "0.05", "--retry-backoff-max", "0.2", *args)
-        started.append(proc)
-        return proc.wait_ready()
-
-    yield _start
-    for proc in started:
-        proc.close()
-
-
-@pytest.fixture
-def client(redis_url):
-    with Client(redis_url) as c:
-        yield c
+def start(start):
+    """The shared starter, with quick retries so retry paths finish fast."""
+    return lambda *flags: start("--retry-backoff", "0.05", "--retry-backoff-max", "0.2", *flags)
 
 
 def pids_of(r, key):

@@ -31,7 +31,7 @@ def _port(url: str) -> int:
 
 
 def _alive(pid: int) -> bool:
-    return server_mod._pid_alive(pid)
+    return server_mod.pid_alive(pid)
 
 
 def _record(state_dir: Path) -> dict:
