@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(settings: Settings, server: object) -> int:
     keys = Keys(settings.prefix)
-    client = connect(server.url)
+    client = connect(server.url, retries=0)  # see connect(): the loop reconciles instead
     logger.info("redis: %s (%s)", mask_url(server.url), server.source)
     if server.state_dir is not None:
         logger.info("bundled server keeps its data (AOF) in %s", server.state_dir)

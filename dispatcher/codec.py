@@ -178,9 +178,13 @@ def _number(fields: dict, name: str) -> float | None:
     value = fields.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidTask(f"field '{name}' must be a number")
-    return float(value)
+    try:
+        number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else None
+    except OverflowError:  # a JSON integer beyond any float
+        number = None
+    if number is None or not math.isfinite(number):
+        raise InvalidTask(f"field '{name}' must be a finite number")
+    return number
 
 
 def _seconds(fields: dict, name: str) -> float | None:

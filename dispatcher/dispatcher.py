@@ -212,9 +212,10 @@ class Dispatcher:
             task = decode(fetched.element, max_size=self.settings.max_size)
             spec = self.registry.get(task.name)
             spec.check_call(task.args, dict(task.kwargs))
-        except InvalidTask as exc:
-            logger.warning("dead letter: element from %s is not a runnable task: %s", fetched.queue, exc)
-            self._pending.append(outcomes.invalid_item(fetched.slot, str(exc), self.store.keys, now))
+        except Exception as exc:  # InvalidTask, or a decoder surprise: either way park it, never loop on it
+            reason = str(exc) if isinstance(exc, InvalidTask) else f"cannot decode element: {exc!r}"
+            logger.warning("dead letter: element from %s is not a runnable task: %s", fetched.queue, reason)
+            self._pending.append(outcomes.invalid_item(fetched.slot, reason, self.store.keys, now))
             self.counters.dead += 1
             return
         self._running[fetched.slot] = Running(task, spec, fetched)
@@ -330,7 +331,9 @@ class Dispatcher:
         while True:
             try:
                 self._flush()
-                self.store.forget(self.id)
+                orphans = self.store.forget(self.id)
+                if orphans:
+                    logger.warning("put back %d task(s) Redis held for %s but it did not run", orphans, self.id)
                 return
             except REDIS_DOWN as exc:
                 if time.monotonic() > deadline:

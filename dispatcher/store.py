@@ -28,16 +28,18 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 WAIT_CHUNK = 5.0  # longest single blocking call, well under any socket timeout we set
 
 
-def connect(url: str, *, timeout: float | None = 10.0) -> redis.Redis:
+def connect(url: str, *, timeout: float | None = 10.0, retries: int = 1) -> redis.Redis:
     """A client with the options every part of the project wants (bytes in, bytes out).
 
-    One immediate retry on a fresh connection (a pooled connection is stale after a server
-    restart), and no more: the dispatcher runs its own backoff and logs the outage, and redis-py's
-    default of three retries with backoff would hide a dead server for seconds.
+    redis-py re-sends a command after a connection error, even when the server had already run
+    it and only the reply was lost. Producers get one such retry (a pooled connection is stale
+    after a server restart; a repeated LPUSH is an at-least-once duplicate). The dispatcher must
+    get none (retries=0): a repeated fetch would take a second batch and orphan the first; its
+    loop backs off and reconciles by itself instead.
     """
     return redis.Redis.from_url(
         url, socket_timeout=timeout, socket_connect_timeout=5.0, health_check_interval=0,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), retries),
     )
 
 
@@ -112,25 +114,27 @@ class Store:
                          most: int) -> list[Fetched] | int:
         """finish() then fetch() in one round trip: the hot path of a busy dispatcher.
 
-        Two scripts in one pipeline rather than one merged script, so each stays one job. A server
-        that lost its scripts (restart) answers NOSCRIPT; they are loaded and the pair is sent
-        again, which is safe: finish skips what it already applied, and a failed fetch took nothing.
+        Two scripts in one pipeline rather than one merged script, so each stays one job. Each
+        reply is judged on its own: a server that lost its scripts answers NOSCRIPT to one or
+        both, and only the one that did not run is sent again (finish is safe to repeat; a fetch
+        that ran must never be repeated, or the batch it took would be orphaned). Any other error
+        is raised: the loop then reconciles, which puts back whatever a lost fetch reply took.
         """
         if not items:
             return self.fetch(dispatcher_id, most)
-        for attempt in (1, 2):
-            finish_keys, fetch_keys = self._finish_keys(dispatcher_id), self._fetch_keys(dispatcher_id)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(self._finish.sha, len(finish_keys), *finish_keys, _pack(items))
-            pipe.evalsha(self._fetch.sha, len(fetch_keys), *fetch_keys, most)
-            try:
-                return self._fetched(pipe.execute()[1])
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                for script in (self._finish, self._fetch):
-                    self.client.script_load(script.script)
-        raise AssertionError("unreachable")
+        finish_keys, fetch_keys = self._finish_keys(dispatcher_id), self._fetch_keys(dispatcher_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(self._finish.sha, len(finish_keys), *finish_keys, _pack(items))
+        pipe.evalsha(self._fetch.sha, len(fetch_keys), *fetch_keys, most)
+        finished, fetched = pipe.execute(raise_on_error=False)
+        for reply in (finished, fetched):
+            if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
+                raise reply
+        if isinstance(finished, Exception):
+            self.finish(dispatcher_id, items)  # the Script object loads the source on NOSCRIPT
+        if isinstance(fetched, Exception):
+            return self.fetch(dispatcher_id, most)
+        return self._fetched(fetched)
 
     def _fetch_keys(self, dispatcher_id: str) -> list[str]:
         return [self.keys.tokens(dispatcher_id), self.keys.inflight(dispatcher_id),
@@ -191,11 +195,14 @@ class Store:
     def dispatcher_ids(self) -> list[str]:
         return sorted(m.decode() for m in self.client.smembers(self.keys.dispatchers))
 
-    def forget(self, dispatcher_id: str) -> None:
-        """A clean exit: nothing is in flight any more, so drop every record of this dispatcher."""
-        self.client.delete(self.keys.heartbeat(dispatcher_id), self.keys.tokens(dispatcher_id),
-                           self.keys.inflight(dispatcher_id))
-        self.client.srem(self.keys.dispatchers, dispatcher_id)
+    def forget(self, dispatcher_id: str) -> int:
+        """A clean exit: drop every record of this dispatcher, putting back anything still in flight.
+
+        Nothing should be in flight by then; if something is (an orphan of a lost reply), it goes
+        back to the head of its list rather than being deleted. Returns how many went back.
+        """
+        self.client.delete(self.keys.heartbeat(dispatcher_id))
+        return max(0, self.recover_peer(dispatcher_id))
 
     # -- status and dead letters ----------------------------------------------------------------
 

@@ -50,6 +50,7 @@ def test_retry_encoding_stays_in_the_codec_it_came_in():
     (b'\xff\xfe{"task": "a"}', "not valid"),
     (b'{"task": "a", "args": [1e999]}', "out of range"),
     (b'{"task": "a", "args": [NaN]}', "not JSON"),
+    (b'{"task": "a", "time_limit": 1' + b"0" * 400 + b'}', "'time_limit' must be a finite number"),
 ])
 def test_bad_elements_are_refused_with_a_reason(raw, reason):
     with pytest.raises(InvalidTask, match=reason):

@@ -69,7 +69,8 @@ def test_bad_input_is_parked_unchanged_with_a_reason(start, client, r, redis_url
     proc = start("--procs", "2", "--max-size", "1000")
     bad = [b"not json", b"[1,2]", b'{"args": []}', b'{"task": "no.such.task"}',
            b'{"task": "t.span", "args": "x"}', b'{"task": "t.span", "args": [1, 2, 3, 4]}',
-           b'{"task": "t.echo", "args": ["' + b"x" * 2000 + b'"]}', b"\x93\x01\x02\x03"]
+           b'{"task": "t.echo", "args": ["' + b"x" * 2000 + b'"]}', b"\x93\x01\x02\x03",
+           b'{"task": "t.echo", "time_limit": 1' + b"0" * 400 + b'}']
     for element in bad:
         r.lpush("dispatcher:normal", element)
     wait_for(lambda: r.llen("dispatcher:dead") == len(bad), 20, what="dead letters")

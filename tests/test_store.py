@@ -146,3 +146,31 @@ def test_finish_item_encoding_survives_binary_payloads(r):
     [f] = store.fetch("d1", 1)
     store.finish("d1", [{"slot": f.slot, "action": "requeue"}])
     assert r.lrange("t:low", 0, -1) == [payload]
+
+
+def test_a_flushed_script_cache_never_orphans_a_fetched_batch(r):
+    store = make_store(r)
+    store.reconcile("d1", 4)
+    store.push("normal", [b"a"])
+    [a] = store.fetch("d1", 1)
+    r.script_flush()
+    assert store.fetch("d1", 1) == -1                     # reloads fetch.lua only
+    store.push("normal", [b"b", b"c"])
+    got = store.finish_and_fetch("d1", [{"slot": a.slot, "action": "requeue"}], 4)
+    # finish got NOSCRIPT and was sent again; the fetch that ran was used, not repeated
+    taken = sorted(f.element for f in got)
+    inflight = r.hgetall(KEYS.inflight("d1"))
+    assert sorted(v for k, v in inflight.items() if not k.endswith(b":q")) == taken
+    assert sorted(taken + r.lrange("t:normal", 0, -1)) == [b"a", b"b", b"c"]
+
+
+def test_forget_puts_back_anything_still_recorded(r):
+    store = make_store(r)
+    store.beat("d1", {"pid": 1}, 60_000)
+    store.reconcile("d1", 2)
+    store.push("high", [b"orphan"])
+    store.fetch("d1", 2)
+    assert store.forget("d1") == 1
+    assert r.lrange("t:high", 0, -1) == [b"orphan"]
+    assert not r.exists(KEYS.inflight("d1"), KEYS.tokens("d1"), KEYS.heartbeat("d1"))
+    assert store.dispatcher_ids() == []
