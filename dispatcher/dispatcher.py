@@ -211,7 +211,8 @@ class Dispatcher:
         try:
             task = decode(fetched.element, max_size=self.settings.max_size)
             spec = self.registry.get(task.name)
-            spec.check_call(task.args, dict(task.kwargs))
+            kwargs = dict(task.kwargs)
+            spec.check_call(task.args, kwargs)
         except Exception as exc:  # InvalidTask, or a decoder surprise: either way park it, never loop on it
             reason = str(exc) if isinstance(exc, InvalidTask) else f"cannot decode element: {exc!r}"
             logger.warning("dead letter: element from %s is not a runnable task: %s", fetched.queue, reason)
@@ -222,7 +223,7 @@ class Dispatcher:
         logger.debug("start %s %s slot=%d attempt=%d", task.name, task.id, fetched.slot, task.attempt)
         self._pool.submit(
             fetched.slot, run,
-            (task.name, task.args, dict(task.kwargs), task.id, task.codec,
+            (task.name, task.args, kwargs, task.id, task.codec,
              bool(task.want_result or task.reply_to)),
             on_end=self._on_end,
             time_limit=_first(task.time_limit, spec.time_limit, self.settings.time_limit),
