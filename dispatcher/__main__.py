@@ -100,6 +100,11 @@ def _run_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                         "back (default 15)")
     p.add_argument("--batch", type=int, default=default("batch"),
                    help="most tasks taken in one fetch; never more than free workers (default 64)")
+    p.add_argument("--prefetch", type=int, default=default("prefetch"),
+                   help="tasks taken beyond the idle children, queued in the pool for whichever "
+                        "child frees first; raises throughput of sub-millisecond tasks, but up to "
+                        "this many tasks may start ahead of a newly pushed higher-priority one "
+                        "(default 0: a task is taken only for an idle child)")
     p.add_argument("--start-method", default=default("start_method"),
                    choices=["forkserver", "spawn", "fork"], help="multiprocessing start method")
 
@@ -121,7 +126,7 @@ def settings_from(args: argparse.Namespace, redis_url: str) -> Settings:
         heartbeat_ttl=args.heartbeat_ttl, time_limit=args.time_limit,
         soft_time_limit=args.soft_time_limit, kill_grace=args.kill_grace, max_retries=args.max_retries,
         retry_backoff=args.retry_backoff, retry_backoff_max=args.retry_backoff_max, batch=args.batch,
-        start_method=args.start_method, state_dir=args.state_dir,
+        prefetch=args.prefetch, start_method=args.start_method, state_dir=args.state_dir,
     )
 
 

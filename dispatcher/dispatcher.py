@@ -3,7 +3,9 @@
 One thread (the caller's) owns the hot path: it writes outcomes and fetches tasks, a batch per
 round trip. Pool threads only append finished jobs to an in-memory outbox and wake the loop, so a
 callback can never raise into the pool or block on Redis. The loop takes a task only for a free
-slot (token), so no child is ever handed a second task.
+slot (token); there is one slot per child, plus --prefetch slots whose tasks wait in the pool's
+queue for whichever child frees first. A child only ever takes a task when it is idle, so no
+child is ever handed a second task.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ class Dispatcher:
             self.id = self.settings.name or claim_id(self.store, info["host"], info, ttl_ms)
             if self.settings.name:
                 self.store.beat(self.id, info, ttl_ms)
-            requeued = self.store.reconcile(self.id, self.settings.procs)
+            requeued = self.store.reconcile(self.id, self.settings.slots)
         except REDIS_DOWN as exc:
             self._redis_down(exc)
             return False
@@ -190,7 +192,7 @@ class Dispatcher:
         Returns how long the loop may sleep (0: go again now). Slots of pending outcomes count
         as free: the same round trip gives their tokens back before the fetch runs.
         """
-        free = self.settings.procs - len(self._running)
+        free = self.settings.slots - len(self._running)
         if free <= 0:
             return IDLE_WAIT  # a finishing task wakes us
         got = self.store.finish_and_fetch(self.id, self._pending, min(free, self.settings.batch))
@@ -278,7 +280,7 @@ class Dispatcher:
 
     def _reconcile(self) -> None:
         known = [(slot, r.fetched.queue, r.fetched.element) for slot, r in self._running.items()]
-        requeued = self.store.reconcile(self.id, self.settings.procs, known)
+        requeued = self.store.reconcile(self.id, self.settings.slots, known)
         self._needs_reconcile = False
         if requeued:
             logger.warning("reconciled with Redis: put back %d task(s) this dispatcher no longer holds",

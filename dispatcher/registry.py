@@ -7,6 +7,7 @@ decorator. The dispatcher fills it by importing the modules given with ``--tasks
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -33,10 +34,28 @@ class TaskSpec:
         """Reject arguments that cannot bind, before a child is spent on them."""
         if self.signature is None:
             return
+        fits = _positional_range(self.signature)
+        if fits is not None and not kwargs and fits[0] <= len(args) <= fits[1]:
+            return  # the common case, without Signature.bind's cost (once per task)
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidTask(f"args do not fit task {self.name!r}{self.signature}: {exc}") from exc
+
+
+@functools.cache
+def _positional_range(signature: inspect.Signature) -> tuple[int, float] | None:
+    """(fewest, most) positional arguments that bind with no keywords; None if keywords may be needed."""
+    fewest, most = 0, 0.0
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_POSITIONAL:
+            most = float("inf")
+        elif param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            most += 1
+            fewest += param.default is param.empty
+        elif param.kind is param.KEYWORD_ONLY and param.default is param.empty:
+            return None
+    return fewest, most
 
 
 class Registry:

@@ -34,6 +34,7 @@ class Settings:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
     batch: int = 64
+    prefetch: int = 0
     start_method: str = "forkserver"
     state_dir: Path = Path(".")
 
@@ -52,9 +53,16 @@ class Settings:
             (self.max_retries >= 0, "--max-retries must be >= 0"),
             (self.retry_backoff >= 0 and self.retry_backoff_max >= 0, "retry backoff must be >= 0"),
             (self.batch >= 1, "--batch must be >= 1"),
+            (self.prefetch >= 0, "--prefetch must be >= 0"),
             (self.start_method in ("forkserver", "spawn", "fork"),
              "--start-method must be forkserver, spawn or fork"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def slots(self) -> int:
+        """Tasks this dispatcher may hold at once: one per child, plus the prefetched ones
+        queued in the pool. The size of its token list."""
+        return self.procs + self.prefetch

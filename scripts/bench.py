@@ -46,14 +46,14 @@ class Dispatcher:
              "--tasks", "bench_tasks", "--log-level", "WARNING", *extra],
             stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
 
-    def wait_idle(self, r: redis.Redis, timeout: float = 30) -> None:
+    def wait_idle(self, r: redis.Redis, timeout: float = 30, slots: int = PROCS) -> None:
         """Ready when registered with all tokens free and its workers have run a task."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(self.log.read_text())
             ids = r.smembers("dispatcher:dispatchers")
-            if ids and all(r.llen(f"dispatcher:dispatcher:{i.decode()}:tokens") == PROCS for i in ids):
+            if ids and all(r.llen(f"dispatcher:dispatcher:{i.decode()}:tokens") == slots for i in ids):
                 return
             time.sleep(0.01)
         raise RuntimeError("dispatcher not ready")

@@ -2,7 +2,7 @@
 
 Used in three places, always as one atomic step:
   - a dispatcher starting (mode "self", nothing known): tasks left in flight by its previous
-    life go back to the head of their lists, and its token list is reset to --procs slots;
+    life go back to the head of their lists, and its token list is reset to --procs + --prefetch slots;
   - a dispatcher after a Redis outage (mode "self", its running tasks known): entries it does
     not hold are put back, entries it holds but Redis lost (AOF window) are written again;
   - a live dispatcher recovering a dead peer (mode "peer"): only if the peer's heartbeat is
@@ -11,7 +11,7 @@ Used in three places, always as one atomic step:
 
 KEYS[1]  in-flight hash    KEYS[2]  tokens list    KEYS[3]  heartbeat key
 KEYS[4]  set of dispatcher ids
-ARGV[1]  "self" or "peer"   ARGV[2]  dispatcher id   ARGV[3]  number of slots (procs)
+ARGV[1]  "self" or "peer"   ARGV[2]  dispatcher id   ARGV[3]  number of slots (procs + prefetch)
 ARGV[4..] known slots as triples: slot, source list, element
 Returns the number of elements put back on their lists, or -1 if the peer is alive.
 ]]
