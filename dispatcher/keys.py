@@ -6,6 +6,7 @@ and nowhere else builds a key by hand. With Redis Cluster, put a hash tag in the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
@@ -33,14 +34,14 @@ class Keys:
     def queue(self, priority: str) -> str:
         return f"{self.prefix}:{priority}"
 
-    @property
+    @functools.cached_property  # read once per fetch
     def queues(self) -> tuple[str, ...]:
         return tuple(self.queue(p) for p in PRIORITIES)
 
     def schedule(self, priority: str) -> str:
         return f"{self.prefix}:schedule:{priority}"
 
-    @property
+    @functools.cached_property
     def schedules(self) -> tuple[str, ...]:
         return tuple(self.schedule(p) for p in PRIORITIES)
 

@@ -30,11 +30,15 @@ class TaskSpec:
     time_limit: float | None = None
     soft_time_limit: float | None = None
 
+    @functools.cached_property
+    def _positional(self) -> tuple[int, float] | None:
+        return _positional_range(self.signature) if self.signature is not None else None
+
     def check_call(self, args: tuple, kwargs: dict) -> None:
         """Reject arguments that cannot bind, before a child is spent on them."""
         if self.signature is None:
             return
-        fits = _positional_range(self.signature)
+        fits = self._positional
         if fits is not None and not kwargs and fits[0] <= len(args) <= fits[1]:
             return  # the common case, without Signature.bind's cost (once per task)
         try:
@@ -43,7 +47,6 @@ class TaskSpec:
             raise InvalidTask(f"args do not fit task {self.name!r}{self.signature}: {exc}") from exc
 
 
-@functools.cache
 def _positional_range(signature: inspect.Signature) -> tuple[int, float] | None:
     """(fewest, most) positional arguments that bind with no keywords; None if keywords may be needed."""
     fewest, most = 0, 0.0

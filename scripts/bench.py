@@ -32,6 +32,7 @@ from dispatcher import Call, Client  # noqa: E402
 from dispatcher.server import start_server  # noqa: E402
 
 PROCS = 2
+PREFETCH = 30  # the --prefetch of the "prefetch" rows: tasks queued in the pool beyond idle children
 QUEUES = ("dispatcher:high", "dispatcher:normal", "dispatcher:low")
 
 
@@ -91,14 +92,14 @@ def drained(r: redis.Redis) -> bool:
     return not any(pipe.execute())
 
 
-def bench_drain(url: str, r: redis.Redis, workdir: Path, n: int) -> dict:
+def bench_drain(url: str, r: redis.Redis, workdir: Path, n: int, *extra: str) -> dict:
     """N no-op tasks already queued; a dispatcher starts; time until the last one finished."""
     reset(r)
     elements = [b'{"task":"bench.noop"}'] * 1000
     for _ in range(n // 1000):
         r.lpush("dispatcher:normal", *elements)
     t_spawn = time.perf_counter()
-    d = Dispatcher(url, workdir)
+    d = Dispatcher(url, workdir, *extra)
     samples = []  # (time, remaining)
     t_first = None
     while True:
@@ -177,10 +178,11 @@ def calibrate_burn(target: float = 0.02) -> tuple[int, float]:
     return loops, statistics.median(times)
 
 
-def bench_cpu(url: str, r: redis.Redis, workdir: Path, count: int, loops: int, single: float) -> dict:
+def bench_cpu(url: str, r: redis.Redis, workdir: Path, count: int, loops: int, single: float,
+              *extra: str) -> dict:
     reset(r)
-    d = Dispatcher(url, workdir)
-    d.wait_idle(r)
+    d = Dispatcher(url, workdir, *extra)
+    d.wait_idle(r, slots=_slots(extra))
     warm(url, r, d)
     with Client(url) as c:
         t0 = time.perf_counter()
@@ -193,21 +195,30 @@ def bench_cpu(url: str, r: redis.Redis, workdir: Path, count: int, loops: int, s
     return {"cpu_wall_s": wall, "cpu_ideal_s": ideal, "cpu_efficiency": ideal / wall}
 
 
-def bench_priority(url: str, r: redis.Redis, workdir: Path, lows: int, highs: int) -> dict:
-    """Lows queued; highs pushed mid-run; count lows that started while a high waited in Redis."""
+def bench_priority(url: str, r: redis.Redis, workdir: Path, lows: int, highs: int, *extra: str) -> dict:
+    """Lows queued; highs pushed mid-run; count lows that started while a high waited in Redis.
+
+    "In Redis" is the server's clock at the push itself (TIME in the LPUSH's MULTI), on the same
+    machine as the children's time.time() stamps.
+    """
     reset(r)
     with Client(url) as c:
         low_handles = c.enqueue_many([("bench.stamp", ())] * lows, priority="low")
-        d = Dispatcher(url, workdir)
+        d = Dispatcher(url, workdir, *extra)
         while r.llen("dispatcher:low") > lows // 2:
             time.sleep(0.001)
-        first_high_pushed = time.time()
-        high_handles = c.enqueue_many([("bench.stamp", ())] * highs, priority="high")
-        high_starts = [h.result(timeout=60) for h in high_handles]
+        ids = [f"high-{i}-{time.monotonic_ns()}" for i in range(highs)]
+        pipe = r.pipeline(transaction=True)
+        pipe.lpush("dispatcher:high", *(json.dumps({"task": "bench.stamp", "id": i, "result": True})
+                                        for i in ids))
+        pipe.time()
+        seconds, micros = pipe.execute()[1]
+        high_in_redis = seconds + micros / 1e6
+        high_starts = [c.handle(i).result(timeout=60) for i in ids]
         low_starts = [h.result(timeout=120) for h in low_handles]
     d.stop()
     last_high = max(high_starts)
-    overtaking = sum(1 for s in low_starts if first_high_pushed < s < last_high)
+    overtaking = sum(1 for s in low_starts if high_in_redis < s < last_high)
     return {"low_started_while_high_waited": overtaking}
 
 
@@ -226,6 +237,14 @@ def bench_rss(url: str, r: redis.Redis, workdir: Path, queued: int, seconds: flo
     rss = d.peak_rss_kb()
     d.stop()
     return rss
+
+
+def _slots(extra: tuple[str, ...]) -> int:
+    return PROCS + (int(extra[extra.index("--prefetch") + 1]) if "--prefetch" in extra else 0)
+
+
+def suffixed(figures: dict, suffix: str) -> dict:
+    return {f"{k}_{suffix}": v for k, v in figures.items()}
 
 
 def _pool_noop() -> None:
@@ -277,17 +296,27 @@ def main() -> int:
     server = start_server(workdir / "redis", appendfsync="everysec")
     r = redis.Redis.from_url(server.url)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                 "procs": PROCS}
+                 "procs": PROCS, "prefetch": PREFETCH}
+    prefetch = ("--prefetch", str(PREFETCH))
     try:
         out.update(median_of(runs, bench_raw_pool, n_drain))
         out.update(median_of(runs, bench_drain, server.url, r, workdir, n_drain))
         out["ratio_to_raw_pool"] = out["drain_per_s"] / out["raw_pool_per_s"]
+        out.update(suffixed(median_of(runs, bench_drain, server.url, r, workdir, n_drain, *prefetch),
+                            "prefetch"))
+        out["ratio_to_raw_pool_prefetch"] = out["drain_per_s_prefetch"] / out["raw_pool_per_s"]
         out.update(median_of(runs, bench_enqueue, server.url, r, n_drain))
         out.update(median_of(runs, bench_latency, server.url, r, workdir, 100 if args.quick else 300))
         loops, single = calibrate_burn()
         out["cpu_task_ms"] = single * 1000
-        out.update(median_of(runs, bench_cpu, server.url, r, workdir, 50 if args.quick else 200, loops, single))
-        out.update(median_of(runs, bench_priority, server.url, r, workdir, 500 if args.quick else 2000, 20))
+        cpu_tasks = 50 if args.quick else 200
+        out.update(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops, single))
+        out.update(suffixed(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops, single,
+                                      *prefetch), "prefetch"))
+        lows = 500 if args.quick else 2000
+        out.update(median_of(runs, bench_priority, server.url, r, workdir, lows, 20))
+        out.update(suffixed(median_of(runs, bench_priority, server.url, r, workdir, lows, 20, *prefetch),
+                            "prefetch"))
         out["rss_kb_1k_queued"] = bench_rss(server.url, r, workdir, 1_000)
         if not args.quick:
             out["rss_kb_1m_queued"] = bench_rss(server.url, r, workdir, 1_000_000)
@@ -308,13 +337,18 @@ def print_table(out: dict) -> None:
         (f"no-op drain, --procs {PROCS}", f"{out['drain_per_s']:,.0f} /s",
          f"steady {out['steady_per_s']:,.0f} /s; {out['ratio_to_raw_pool']:.2f} x raw pool; "
          f"with process start-up {out['with_startup_per_s']:,.0f} /s"),
+        (f"  the same, --prefetch {PREFETCH}", f"{out['drain_per_s_prefetch']:,.0f} /s",
+         f"steady {out['steady_per_s_prefetch']:,.0f} /s; {out['ratio_to_raw_pool_prefetch']:.2f} x raw pool"),
         ("enqueue, single calls", f"{out['enqueue_per_s']:,.0f} /s", ""),
         ("enqueue_many (1000 per call)", f"{out['enqueue_many_per_s']:,.0f} /s", ""),
         ("latency push -> start, idle", f"p50 {out['p50_ms']:.2f} ms",
          f"p90 {out['p90_ms']:.2f}, p99 {out['p99_ms']:.2f}, max {out['max_ms']:.2f} ms"),
         (f"CPU-bound {out['cpu_task_ms']:.0f} ms tasks", f"efficiency {out['cpu_efficiency']:.3f}",
          f"wall {out['cpu_wall_s']:.2f} s vs ideal {out['cpu_ideal_s']:.2f} s"),
+        (f"  the same, --prefetch {PREFETCH}", f"efficiency {out['cpu_efficiency_prefetch']:.3f}",
+         f"wall {out['cpu_wall_s_prefetch']:.2f} s"),
         ("priority: lows started while a high waited", str(out["low_started_while_high_waited"]), ""),
+        (f"  the same, --prefetch {PREFETCH}", str(out["low_started_while_high_waited_prefetch"]), ""),
         ("dispatcher peak RSS, 1k queued", f"{out['rss_kb_1k_queued'] / 1024:.1f} MB", ""),
     ]
     if "rss_kb_1m_queued" in out:

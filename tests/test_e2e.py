@@ -114,6 +114,19 @@ def test_never_more_tasks_taken_than_free_workers(start, client, r):
     assert most <= 2 and len({s["pid"] for s in spans}) <= 2 + 0
 
 
+def test_prefetch_takes_that_many_more_but_each_child_still_runs_one_at_a_time(start, client, r):
+    start("--procs", "2", "--prefetch", "2")
+    handles = [client.enqueue("t.span", 0.3, str(i)) for i in range(8)]
+    did = lambda: r.smembers("dispatcher:dispatchers").pop().decode()  # noqa: E731
+    wait_for(lambda: r.hlen(f"dispatcher:dispatcher:{did()}:inflight") == 8, 10, what="four tasks taken")
+    assert r.llen("dispatcher:normal") == 4                        # two per child + two prefetched
+    spans = [h.result(timeout=30) for h in handles]
+    for pid in {s["pid"] for s in spans}:                          # no child ever ran two at once
+        mine = sorted((s["start"], s["end"]) for s in spans if s["pid"] == pid)
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(mine, mine[1:]))
+    assert len({s["pid"] for s in spans}) <= 2
+
+
 def test_sigterm_lets_running_tasks_finish_and_exits_zero_with_a_summary(start, client, r):
     proc = start("--procs", "2")
     running = [client.enqueue("t.span", 1.0, str(i)) for i in range(2)]

@@ -111,6 +111,16 @@ def test_sigkilled_dispatcher_gives_its_tasks_back_when_it_restarts(start, clien
     assert waiting.result(timeout=10)["args"] == ["queued"]
 
 
+def test_prefetched_tasks_of_a_sigkilled_dispatcher_come_back_exactly_once(start, client, r, redis_url):
+    proc = start("--procs", "1", "--prefetch", "3", "--name", "d-prefetch")
+    handles = [client.enqueue("t.counted_sleep", redis_url, f"p{i}", 1.0) for i in range(4)]
+    wait_for(lambda: r.hlen("dispatcher:dispatcher:d-prefetch:inflight") == 8, 10, what="all four taken")
+    wait_for(lambda: any(r.get(f"p{i}") for i in range(4)), 10, what="one running")
+    proc.kill()
+    start("--procs", "2", "--name", "d-prefetch")
+    assert sorted(h.result(timeout=30) for h in handles) == [1, 1, 1, 2]  # only the running one ran twice
+
+
 def test_a_live_dispatcher_recovers_a_dead_peer_after_its_heartbeat_expires(start, client, r, redis_url):
     victim = start("--procs", "1", "--heartbeat-ttl", "1", "--name", "victim")
     handle = client.enqueue("t.counted_sleep", redis_url, "peer", 0.5)
