@@ -160,26 +160,18 @@ def bench_latency(url: str, r: redis.Redis, workdir: Path, count: int) -> dict:
     return {"p50_ms": pick(0.5), "p90_ms": pick(0.9), "p99_ms": pick(0.99), "max_ms": lat[-1]}
 
 
-def calibrate_burn(target: float = 0.02) -> tuple[int, float]:
+def calibrate_burn(target: float = 0.02) -> int:
+    """Loops of bench.burn that take about `target` seconds here."""
     loops = 20_000
     while True:
-        t0 = time.perf_counter()
-        burn(loops)
-        took = time.perf_counter() - t0
+        took = burn(loops)
         if took > 0.005:
-            loops = int(loops * target / took)
-            break
+            return int(loops * target / took)
         loops *= 4
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        burn(loops)
-        times.append(time.perf_counter() - t0)
-    return loops, statistics.median(times)
 
 
-def bench_cpu(url: str, r: redis.Redis, workdir: Path, count: int, loops: int, single: float,
-              *extra: str) -> dict:
+def bench_cpu(url: str, r: redis.Redis, workdir: Path, count: int, loops: int, *extra: str) -> dict:
+    """Parallel efficiency: the tasks' own CPU seconds / procs (the ideal wall) over the wall."""
     reset(r)
     d = Dispatcher(url, workdir, *extra)
     d.wait_idle(r, slots=_slots(extra))
@@ -187,12 +179,12 @@ def bench_cpu(url: str, r: redis.Redis, workdir: Path, count: int, loops: int, s
     with Client(url) as c:
         t0 = time.perf_counter()
         handles = c.enqueue_many([("bench.burn", (loops,))] * count)
-        for h in handles:
-            h.result(timeout=120)
+        work = sum(h.result(timeout=120) for h in handles)
         wall = time.perf_counter() - t0
     d.stop()
-    ideal = count * single / PROCS
-    return {"cpu_wall_s": wall, "cpu_ideal_s": ideal, "cpu_efficiency": ideal / wall}
+    ideal = work / PROCS
+    return {"cpu_wall_s": wall, "cpu_ideal_s": ideal, "cpu_efficiency": ideal / wall,
+            "cpu_task_ms": work / count * 1000}
 
 
 def bench_priority(url: str, r: redis.Redis, workdir: Path, lows: int, highs: int, *extra: str) -> dict:
@@ -307,11 +299,10 @@ def main() -> int:
         out["ratio_to_raw_pool_prefetch"] = out["drain_per_s_prefetch"] / out["raw_pool_per_s"]
         out.update(median_of(runs, bench_enqueue, server.url, r, n_drain))
         out.update(median_of(runs, bench_latency, server.url, r, workdir, 100 if args.quick else 300))
-        loops, single = calibrate_burn()
-        out["cpu_task_ms"] = single * 1000
+        loops = calibrate_burn()
         cpu_tasks = 50 if args.quick else 200
-        out.update(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops, single))
-        out.update(suffixed(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops, single,
+        out.update(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops))
+        out.update(suffixed(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops,
                                       *prefetch), "prefetch"))
         lows = 500 if args.quick else 2000
         out.update(median_of(runs, bench_priority, server.url, r, workdir, lows, 20))
