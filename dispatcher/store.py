@@ -291,9 +291,6 @@ class _Connection:
             conn.disconnect()
             raise
 
-    def close(self) -> None:
-        self._conn.disconnect()
-
 
 def _evalsha(script: Any, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
