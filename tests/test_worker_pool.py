@@ -390,6 +390,25 @@ def test_large_results_from_concurrent_children_arrive_intact(make_pool):
         assert end.ok and end.value == pool_jobs.pattern(end.key, size)
 
 
+@pytest.mark.timeout(30)
+def test_tasks_keep_their_order_when_the_pipe_fills_and_empties(make_pool):
+    # Submissions are written by the caller while the task pipe has room, and by Pool's task
+    # handler thread once it is full; a busy single child sees them all in submission order.
+    pool = make_pool(1)
+    ends = Ends()
+    pool.submit("busy", pool_jobs.sleep, (0.3,), on_end=ends)
+    burst = pool._pool._inqueue._slots + 50 if pool._pool._inqueue._slots else 300
+    for i in range(burst):
+        pool.submit(i, pool_jobs.double, (i,), on_end=ends)
+    assert pool._pool._handed_off > 0 or not pool._pool._inqueue._slots  # the pipe did fill
+    ends.wait(burst + 1, timeout=20)
+    for i in range(burst, burst + 20):  # and direct writes resume, behind the handler's
+        pool.submit(i, pool_jobs.double, (i,), on_end=ends)
+    got = ends.wait(burst + 21, timeout=20)
+    assert [end.key for end in got] == ["busy", *range(burst + 20)]
+    assert all(end.ok and end.value == 2 * end.key for end in got[1:])
+    assert pool._pool._handed_off == 0
+
 @pytest.mark.timeout(20)
 def test_big_arguments_travel_through_a_spill_file(make_pool):
     pool = make_pool(2)

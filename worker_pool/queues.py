@@ -8,7 +8,8 @@ blocking while holding the semaphore is not enough: a child killed in the micros
 it reads an available task still keeps it (measured: with only that change, the race test of
 tests/test_worker_pool.py wedged in 2 runs of 10; with what follows, 0 of 20). So:
 
-``TaskQueue`` (parent -> children; one writer, the parent's task-handler thread; many readers)
+``TaskQueue`` (parent -> children; one writer at a time, the submitting thread or Pool's task
+  handler thread, serialized by a lock; many readers)
   * The read lock is a ``RecordLock``: the kernel releases it when its holder dies.
   * A child waits for data without the lock and holds the lock only to read one message and
     write its start report ("job J taken by pid P at t", one ``os.write`` of 20 bytes), so start
@@ -68,6 +69,9 @@ SPILLED = 1  # the body is the path of a file holding the pickled task
 # ResultQueue frame header: writer pid, flags.
 FRAME = struct.Struct("!IB")
 FIRST, LAST = 1, 2
+# A packet-mode task pipe is grown to this size: one page per queued message, so 256 messages.
+PIPE_SIZE = 1 << 20
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Connection.send_bytes adds a 4-byte length; one frame = one write(2) of at most PIPE_BUF bytes.
 FRAME_BODY = select.PIPE_BUF - 4 - FRAME.size
 
@@ -121,6 +125,19 @@ def _task_pipe() -> tuple[int, int, bool]:
     return (*os.pipe(), False)
 
 
+def _grow(fd: int) -> int:
+    """Enlarge a packet-mode pipe as far as allowed; returns how many messages it holds."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(int(f.read()), PIPE_SIZE))
+    except (OSError, ValueError):
+        pass  # keep the default size
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) // PAGE_SIZE
+    except OSError:
+        return 0
+
+
 def _read_exactly(fd: int, size: int) -> bytes:
     data = b""
     while len(data) < size:
@@ -149,6 +166,7 @@ class TaskQueue(SimpleQueue):
         self._ledger: collections.deque[tuple[int, int]] = collections.deque()  # (job, size)
         self._spill_dir: str | None = None
         self._spilled: set[int] = set()
+        self._slots = _grow(write_fd) if self._packets else 0  # messages the pipe surely holds
 
     def __getstate__(self) -> tuple:
         context.assert_spawning(self)
@@ -163,13 +181,28 @@ class TaskQueue(SimpleQueue):
     # -- parent side ------------------------------------------------------------------------
 
     def put(self, obj: Any) -> None:
-        """``Pool._quick_put`` (task handler thread): send a task ``(job, i, func, args, kwds)``
-        or the stop sentinel ``None`` as one atomic write, and note it in the ledger."""
+        """Send a task ``(job, i, func, args, kwds)`` or the stop sentinel ``None`` as one
+        atomic write, and note it in the ledger. Blocks while the pipe is full."""
+        self.send(*self.encode(obj))
+
+    def encode(self, obj: Any) -> tuple[int, bytes]:
+        """(job, message) for ``send``; raises what pickling raises."""
         job = NO_JOB if obj is None else obj[0]
         body, flags = ForkingPickler.dumps(obj), 0
         if TASK.size + len(body) > select.PIPE_BUF:
             body, flags = self._spill(job, body), SPILLED
-        message = TASK.pack(len(body) + TASK.size - 4, job, flags) + body
+        return job, TASK.pack(len(body) + TASK.size - 4, job, flags) + body
+
+    def has_room(self) -> bool:
+        """True if one more message surely fits in the pipe: ``send`` would not block.
+
+        Only a packet-mode pipe can tell: there every message takes one of the pipe's page-sized
+        slots, and the ledger (written, not yet reported taken) is never shorter than what the
+        pipe holds. Holds until the next write; the caller keeps other writers out meanwhile.
+        """
+        return self._slots > len(self._ledger)
+
+    def send(self, job: int, message: bytes) -> None:
         with self._put_lock:
             self._ledger.append((job, len(message)))
             try:
