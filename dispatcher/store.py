@@ -133,6 +133,10 @@ class Store:
                 raise reply
         if items and isinstance(replies[0], Exception):
             self.finish(dispatcher_id, items)  # the Script object loads the source on NOSCRIPT
+            if isinstance(replies[-1], list) and len(replies[-1]) == 1:
+                # It took nothing, maybe for want of the tokens this finish gives back: a fresh
+                # server's first finish would otherwise read as "no free token".
+                replies[-1] = self._hot_path.call([fetch])[0]
         fetched = replies[-1]
         if isinstance(fetched, Exception):
             self.client.script_load(self._fetch.script)

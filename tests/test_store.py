@@ -164,6 +164,17 @@ def test_a_flushed_script_cache_never_orphans_a_fetched_batch(r):
     assert sorted(taken + r.lrange("t:normal", 0, -1)) == [b"a", b"b", b"c"]
 
 
+def test_a_first_finish_on_a_fresh_server_still_frees_its_slot_for_the_fetch_beside_it(r):
+    store = make_store(r)
+    store.reconcile("d1", 1)
+    store.push("normal", [b"a", b"b"])
+    [a] = store.fetch("d1", 1)                            # the only token is taken
+    r.script_flush()
+    store.fetch("d1", 1)                                  # fetch.lua is loaded again, finish.lua not
+    got = store.finish_and_fetch("d1", [{"slot": a.slot, "action": "requeue"}], 1)
+    assert [f.element for f in got] == [b"a"]             # put back, then taken: not -2, "no free token"
+
+
 def test_forget_puts_back_anything_still_recorded(r):
     store = make_store(r)
     store.beat("d1", {"pid": 1}, 60_000)
