@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
-from dispatcher.waiters import Waiters
+from dispatcher.waiters import Waiters, Wakeup
 from worker_pool import JobEnd, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -78,13 +77,13 @@ class Dispatcher:
         self._running: dict[int, Running] = {}
         self._pending: list[dict[str, Any]] = []   # finish items not yet written to Redis
         self._outbox: collections.deque[JobEnd] = collections.deque()
-        self._wake = threading.Event()
+        self._wakeup = Wakeup()   # set by pool threads, signals and stop(); the loop sleeps on it
         self._signals = 0              # incremented by the signal handlers, nothing else
         self._signals_acted_on = 0     # how many of them the loop has already acted on
         self._outage = _Outage()
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
-        self._waiters: Waiters | None = None
+        self._waiters = Waiters(client, [*store.keys.queues, store.keys.wake], self._wakeup)
         self._heartbeat: Heartbeat | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -122,8 +121,6 @@ class Dispatcher:
                                 initargs=(self.settings.task_modules,),
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
-        self._waiters = Waiters(self.client, [*self.store.keys.queues, self.store.keys.wake], self._wake)
-        self._waiters.start()
         self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
@@ -133,6 +130,7 @@ class Dispatcher:
     def install_signal_handlers(self) -> None:
         def record(signum: int, frame: Any) -> None:
             self._signals += 1
+            self._wakeup.set()
         signal.signal(signal.SIGINT, record)
         signal.signal(signal.SIGTERM, record)
 
@@ -153,13 +151,13 @@ class Dispatcher:
     def stop(self) -> None:
         """Ask run() to stop, as a signal would (for embedding and tests)."""
         self._signals += 1
-        self._wake.set()
+        self._wakeup.set()
 
     # -- the loop --------------------------------------------------------------------------------
 
     def step(self, fetch: bool = True) -> None:
         """One turn: record finished tasks, take new ones for free slots, then wait to be woken."""
-        self._wake.clear()
+        self._wakeup.clear()
         self._collect()
         try:
             if self._needs_reconcile or not fetch:
@@ -178,13 +176,12 @@ class Dispatcher:
         self._sleep(timeout)
 
     def _sleep(self, timeout: float) -> None:
-        """Wait for a wake-up (a push, a finished task), a signal, or the timeout; no Redis traffic."""
+        """Wait for a wake-up (a push, a finished task), a signal, or the timeout."""
         deadline = time.monotonic() + timeout
-        while not self._wake.is_set() and self._signals == self._signals_acted_on:
+        while not self._wakeup.is_set() and self._signals == self._signals_acted_on:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._waiters.wait(min(left, SIGNAL_CHECK)):
                 return
-            self._wake.wait(min(left, SIGNAL_CHECK))
 
     def _fill(self) -> float:
         """Write pending outcomes and fetch for every free slot, in one round trip.
@@ -236,7 +233,7 @@ class Dispatcher:
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
         self._outbox.append(end)
-        self._wake.set()
+        self._wakeup.set()
 
     def _collect(self) -> None:
         while self._outbox:
@@ -310,9 +307,9 @@ class Dispatcher:
     def shutdown(self) -> None:
         """Let running tasks finish until the grace deadline (or a second signal), put the rest back."""
         self._signals_acted_on = signals_at_stop = max(self._signals, 1)
-        if self._waiters:
-            self._waiters.stop()
+        self._waiters.close()
         if self._pool is None:
+            self._wakeup.close()
             return
         self._pool.close()
         deadline = time.monotonic() + self.settings.grace
@@ -327,6 +324,7 @@ class Dispatcher:
         self._final_write()
         if self._heartbeat:
             self._heartbeat.stop()
+        self._wakeup.close()
         logger.info("dispatcher %s stopped: %s", self.id, self.counters.summary())
 
     def _final_write(self) -> None:

@@ -1,15 +1,19 @@
-"""Blocking waits on the priority lists that consume nothing (DESIGN.md section 4).
+"""What the dispatcher's loop sleeps on: blocking waits on the priority lists that consume
+nothing (DESIGN.md section 4), and a self-pipe for everything else that wakes it.
 
 ``BLMOVE q q RIGHT RIGHT`` moves a list's last element onto itself: it returns as soon as the
-list is non-empty and leaves the list as it was. One waiter per list, each on its own connection
-and thread, is armed by the dispatcher after a fetch that found nothing; the first list to get a
-task wakes the fetch loop. A push landing between the empty fetch and the arming makes BLMOVE
-return at once, so no wake-up is lost.
+list is non-empty and leaves the list as it was. Each list has its own connection. The loop arms
+them after a fetch that found nothing, then sleeps in one ``select`` over their sockets and the
+self-pipe, and reads a reply itself when one arrives: no thread sits between a push and the
+fetch it causes. A push landing between the empty fetch and the arming makes BLMOVE return at
+once, so no wake-up is lost.
 """
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import select
+import time
 from typing import Sequence
 
 import redis
@@ -18,51 +22,133 @@ from dispatcher.store import REDIS_DOWN
 
 logger = logging.getLogger(__name__)
 
-BLOCK_SECONDS = 5.0  # one BLMOVE's block; under the client's socket timeout, so a dead link shows
+BLOCK_SECONDS = 5  # one BLMOVE's block; a reply overdue by LATE more means the link is dead
+LATE = 5.0
 
 
-class Waiter(threading.Thread):
-    def __init__(self, client: redis.Redis, key: str, wake: threading.Event) -> None:
-        super().__init__(name=f"waiter:{key}", daemon=True)
-        self.client = client
-        self.key = key
-        self.wake = wake
-        self.armed = threading.Event()
-        self.stopped = threading.Event()
+class Wakeup:
+    """A self-pipe: ``set()`` from any thread (or a signal handler) wakes the loop's select.
 
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            if not self.armed.wait(0.5):
-                continue
+    At most one byte is in flight: ``set()`` writes only when no wake-up is pending, and
+    ``clear()`` drains the pipe before it lets the next ``set()`` write. Whoever calls ``set()``
+    after changing state is sure the loop sees that change after its next ``clear()``.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._pending = False
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._read
+
+    def is_set(self) -> bool:
+        return self._pending
+
+    def set(self) -> None:
+        if not self._pending and not self._closed:
+            self._pending = True
             try:
-                got = self.client.blmove(self.key, self.key, BLOCK_SECONDS, "RIGHT", "RIGHT")
-            except REDIS_DOWN:
-                self.stopped.wait(0.5)  # the main loop reports the outage; just do not spin
-                continue
-            except Exception:
-                logger.exception("waiter on %s failed; retrying", self.key)
-                self.stopped.wait(0.5)
-                continue
-            if got is not None:
-                self.armed.clear()
-                self.wake.set()
+                os.write(self._write, b"!")
+            except (BlockingIOError, OSError):
+                pass  # full (the loop will wake anyway) or closed (the loop has ended)
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self._pending = False
+
+    def close(self) -> None:
+        self._closed = True  # a late set() must never write to a reused descriptor
+        for fd in (self._read, self._write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Waiter:
+    """One list's non-consuming blocking wait, sent and read by the loop's own thread."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.key = key
+        self._conn = client.connection_pool.make_connection()
+        self._sent_at: float | None = None  # monotonic time of the BLMOVE awaiting its reply
+
+    def arm(self) -> None:
+        if self._sent_at is not None:
+            return
+        try:
+            self._conn.send_command("BLMOVE", self.key, self.key, "RIGHT", "RIGHT", BLOCK_SECONDS,
+                                    check_health=False)
+            self._sent_at = time.monotonic()
+        except REDIS_DOWN:
+            self._conn.disconnect()  # the loop's fetch reports the outage; next arm() reconnects
+
+    def fileno(self) -> int | None:
+        sock = self._conn._sock
+        return sock.fileno() if self._sent_at is not None and sock is not None else None
+
+    def read(self) -> bool:
+        """The socket is readable: True if the loop should look (a task arrived, or the link
+        broke and its fetch will find out why); re-arms by itself after an empty block."""
+        self._sent_at = None
+        try:
+            got = self._conn.read_response()
+        except (*REDIS_DOWN, redis.ResponseError) as exc:
+            logger.debug("waiter on %s: %s", self.key, exc)
+            self._conn.disconnect()
+            return True
+        if got is None:
+            self.arm()
+        return got is not None
+
+    def drop_if_overdue(self, now: float) -> None:
+        if self._sent_at is not None and now - self._sent_at > BLOCK_SECONDS + LATE:
+            logger.warning("waiter on %s: no reply for %.0fs; reconnecting", self.key, now - self._sent_at)
+            self._sent_at = None
+            self._conn.disconnect()
+            self.arm()
+
+    def close(self) -> None:
+        self._sent_at = None
+        self._conn.disconnect()
 
 
 class Waiters:
-    """The set of waiters of one dispatcher."""
+    """The waiters of one dispatcher and its wake-up pipe: what its loop sleeps on."""
 
-    def __init__(self, client: redis.Redis, keys: Sequence[str], wake: threading.Event) -> None:
-        self._waiters = [Waiter(client, key, wake) for key in keys]
-
-    def start(self) -> None:
-        for waiter in self._waiters:
-            waiter.start()
+    def __init__(self, client: redis.Redis, keys: Sequence[str], wakeup: Wakeup) -> None:
+        self._waiters = [Waiter(client, key) for key in keys]
+        self._wakeup = wakeup
 
     def arm(self) -> None:
         for waiter in self._waiters:
-            waiter.armed.set()
+            waiter.arm()
 
-    def stop(self) -> None:
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a wake-up, a task on a list, or the timeout; True unless it timed out."""
+        by_fd = {fd: w for w in self._waiters if (fd := w.fileno()) is not None}
+        try:
+            ready, _, _ = select.select([self._wakeup.fileno(), *by_fd], [], [], timeout)
+        except (OSError, ValueError):  # a socket closed under us: look again next turn
+            return True
+        woke = False
+        for fd in ready:
+            waiter = by_fd.get(fd)
+            got = waiter.read() if waiter is not None else True
+            woke = woke or got
+        if not woke:
+            now = time.monotonic()
+            for waiter in self._waiters:
+                waiter.drop_if_overdue(now)
+        return woke
+
+    def close(self) -> None:
         for waiter in self._waiters:
-            waiter.stopped.set()
-            waiter.armed.set()
+            waiter.close()

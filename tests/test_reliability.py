@@ -157,6 +157,19 @@ def test_redis_outage_is_survived_and_outcomes_are_written_afterwards(start, cli
     assert proc.proc.poll() is None
 
 
+def test_an_idle_dispatcher_notices_a_redis_restart_and_serves_the_next_push(start, client, r, redis_server):
+    proc = start("--procs", "1")
+    assert client.enqueue("t.echo", "before").result(timeout=20)["args"] == ["before"]
+    blocked = lambda: sum(c["cmd"] == "blmove" and "b" in c["flags"] for c in r.client_list()) == 4  # noqa: E731
+    wait_for(blocked, 10, what="the loop to sleep on its waiters (3 lists and the wake list)")
+    redis_server.kill()
+    wait_for(lambda: "outcome(s) kept in memory" in proc.log, 10, what="the idle loop to notice the outage")
+    redis_server.restart()
+    # A bound far below the loop's 30 s safety-net sleep: the waiters were re-armed, not lost.
+    assert client.enqueue("t.echo", "after").result(timeout=10)["args"] == ["after"]
+    assert proc.proc.poll() is None
+
+
 def _url(r):
     kw = r.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/0"
