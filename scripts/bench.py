@@ -140,10 +140,20 @@ def bench_enqueue(url: str, r: redis.Redis, n: int) -> dict:
     return {"enqueue_per_s": single, "enqueue_many_per_s": many}
 
 
+def push_stamps(r: redis.Redis, queue: str, ids: list[str]) -> float:
+    """Push bench.stamp tasks with these ids; returns the server's clock at the push itself
+    (TIME in the LPUSH's MULTI), comparable with the children's time.time() on this machine."""
+    pipe = r.pipeline(transaction=True)
+    pipe.lpush(queue, *(json.dumps({"task": "bench.stamp", "id": i, "result": True}) for i in ids))
+    pipe.time()
+    seconds, micros = pipe.execute()[1]
+    return seconds + micros / 1e6
+
+
 def bench_latency(url: str, r: redis.Redis, workdir: Path, count: int) -> dict:
     """An idle dispatcher; tasks pushed 5 ms apart; push -> task start, in ms.
 
-    "Push" is the server's clock at the LPUSH itself (TIME in its MULTI), as in bench_priority.
+    "Push" is the server's clock at the LPUSH itself (push_stamps), as in bench_priority.
     The "call" figure counts from before the producer's call instead: it adds the producer's
     own encoding and round trip, which no dispatcher can make shorter.
     """
@@ -156,11 +166,7 @@ def bench_latency(url: str, r: redis.Redis, workdir: Path, count: int) -> dict:
         for i in range(count):
             task_id = f"latency-{i}-{time.monotonic_ns()}"
             called = time.time()
-            pipe = r.pipeline(transaction=True)
-            pipe.lpush("dispatcher:normal", json.dumps({"task": "bench.stamp", "id": task_id, "result": True}))
-            pipe.time()
-            seconds, micros = pipe.execute()[1]
-            pushes.append((called, seconds + micros / 1e6, task_id))
+            pushes.append((called, push_stamps(r, "dispatcher:normal", [task_id]), task_id))
             time.sleep(0.005)
         starts = [c.handle(task_id).result(timeout=30) for _, _, task_id in pushes]
     d.stop()
@@ -211,12 +217,7 @@ def bench_priority(url: str, r: redis.Redis, workdir: Path, lows: int, highs: in
         while r.llen("dispatcher:low") > lows // 2:
             time.sleep(0.001)
         ids = [f"high-{i}-{time.monotonic_ns()}" for i in range(highs)]
-        pipe = r.pipeline(transaction=True)
-        pipe.lpush("dispatcher:high", *(json.dumps({"task": "bench.stamp", "id": i, "result": True})
-                                        for i in ids))
-        pipe.time()
-        seconds, micros = pipe.execute()[1]
-        high_in_redis = seconds + micros / 1e6
+        high_in_redis = push_stamps(r, "dispatcher:high", ids)
         high_starts = [c.handle(i).result(timeout=60) for i in ids]
         low_starts = [h.result(timeout=120) for h in low_handles]
     d.stop()

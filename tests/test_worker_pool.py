@@ -409,6 +409,7 @@ def test_tasks_keep_their_order_when_the_pipe_fills_and_empties(make_pool):
     assert all(end.ok and end.value == 2 * end.key for end in got[1:])
     assert pool._pool._handed_off == 0
 
+
 @pytest.mark.timeout(20)
 def test_big_arguments_travel_through_a_spill_file(make_pool):
     pool = make_pool(2)
