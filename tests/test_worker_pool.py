@@ -30,7 +30,7 @@ if HERE not in sys.path:
 import pool_jobs  # noqa: E402
 
 from worker_pool import JobEnd, WorkerPool  # noqa: E402
-from worker_pool.queues import FIRST, FRAME, FRAME_BODY, LAST, ResultQueue, TaskQueue  # noqa: E402
+from worker_pool.queues import FIRST, FRAME, FRAME_BODY, LAST, READ_AHEAD, ResultQueue, TaskQueue  # noqa: E402
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
@@ -542,4 +542,20 @@ def test_result_frames_from_many_writers_reassemble(sizes, truncated, order):
         got = [queue.get() for _ in range(len(expected) + 1)]
         assert sorted(got, key=repr) == sorted(expected + ["after restart"], key=repr)
     finally:
+        queue.close()
+
+
+@pytest.mark.timeout(30)
+def test_results_arrive_whole_and_in_order_when_reads_end_inside_frames():
+    """The reader takes up to READ_AHEAD bytes per read, so reads end inside frames; a writer
+    thread keeps the pipe full while the reader takes everything in order."""
+    queue = ResultQueue(ctx=multiprocessing.get_context("spawn"))
+    sizes = [random.Random(i).randrange(0, 3 * FRAME_BODY) for i in range(400)]
+    assert sum(sizes) > 4 * READ_AHEAD
+    writer = threading.Thread(target=lambda: [queue.put((i, b"v" * size)) for i, size in enumerate(sizes)])
+    writer.start()
+    try:
+        assert [queue.get() for _ in sizes] == [(i, b"v" * size) for i, size in enumerate(sizes)]
+    finally:
+        writer.join()
         queue.close()

@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copyreg
 import fcntl
+import io
 import logging
 import os
+import pickle
 import select
 import shutil
 import struct
@@ -74,6 +77,21 @@ PIPE_SIZE = 1 << 20
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Connection.send_bytes adds a 4-byte length; one frame = one write(2) of at most PIPE_BUF bytes.
 FRAME_BODY = select.PIPE_BUF - 4 - FRAME.size
+LENGTH = struct.Struct("!i")  # Connection.send_bytes's length prefix
+READ_AHEAD = 1 << 16
+
+
+class _Pickler(pickle.Pickler):
+    """``ForkingPickler`` minus its set-up per call, which copies copyreg's dispatch table and
+    wraps a BytesIO: about as long as pickling a small task itself. The reducers are those
+    registered when this module was imported (multiprocessing registers its own at import)."""
+    dispatch_table = {**copyreg.dispatch_table, **ForkingPickler._extra_reducers}
+
+
+def dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf).dump(obj)
+    return buf.getvalue()
 
 
 class RecordLock:
@@ -188,7 +206,7 @@ class TaskQueue(SimpleQueue):
     def encode(self, obj: Any) -> tuple[int, bytes]:
         """(job, message) for ``send``; raises what pickling raises."""
         job = NO_JOB if obj is None else obj[0]
-        body, flags = ForkingPickler.dumps(obj), 0
+        body, flags = dumps(obj), 0
         if TASK.size + len(body) > select.PIPE_BUF:
             body, flags = self._spill(job, body), SPILLED
         return job, TASK.pack(len(body) + TASK.size - 4, job, flags) + body
@@ -338,10 +356,12 @@ class ResultQueue(SimpleQueue):
     def __init__(self, *, ctx: context.BaseContext) -> None:
         super().__init__(ctx=ctx)
         self._partial: dict[int, list[bytes]] = {}
+        self._buf, self._pos = b"", 0  # bytes read ahead from the pipe, and where the next frame starts
 
     def __setstate__(self, state: tuple) -> None:
         super().__setstate__(state)
         self._partial = {}
+        self._buf, self._pos = b"", 0
 
     def put(self, obj: Any) -> None:
         """Any process, any thread: send ``obj`` as frames of at most PIPE_BUF bytes each.
@@ -350,7 +370,7 @@ class ResultQueue(SimpleQueue):
         out by pid. (Two threads of one process must not send multi-frame messages at the same
         time; the parent only ever sends tiny messages, children send from one thread.)
         """
-        data = memoryview(ForkingPickler.dumps(obj))
+        data = memoryview(dumps(obj))
         pid = os.getpid()
         if len(data) <= FRAME_BODY:
             self._writer.send_bytes(FRAME.pack(pid, FIRST | LAST) + data)
@@ -362,19 +382,39 @@ class ResultQueue(SimpleQueue):
     def get(self) -> Any:
         """Parent's result handler only (``Pool._quick_get``): the next whole message."""
         while True:
-            frame = self._reader.recv_bytes()
+            frame = self._next_frame()
             pid, flags = FRAME.unpack_from(frame)
-            body = memoryview(frame)[FRAME.size:]
+            body = frame[FRAME.size:]
             if flags == FIRST | LAST:
-                return ForkingPickler.loads(body)
+                return pickle.loads(body)
             if flags & FIRST:
                 self._partial[pid] = []  # also drops what a dead writer with this pid left
             parts = self._partial.get(pid)
             if parts is None:
                 continue  # the tail of a message whose head was dropped
-            parts.append(bytes(body))
+            parts.append(body)
             if flags & LAST:
-                return ForkingPickler.loads(b"".join(self._partial.pop(pid)))
+                return pickle.loads(b"".join(self._partial.pop(pid)))
+
+    def _next_frame(self) -> bytes:
+        """One frame as ``Connection.send_bytes`` wrote it (a 4-byte length, then the bytes).
+
+        Reads whatever the pipe holds, up to READ_AHEAD bytes, in one ``read(2)``: under load
+        that is many results per system call (and per release of the GIL), where
+        ``Connection.recv_bytes`` makes two calls for each. Writes are atomic, so frames are
+        never interleaved; a read may still end inside one, whose rest the next read brings.
+        """
+        while True:
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos >= LENGTH.size:
+                end = pos + LENGTH.size + LENGTH.unpack_from(buf, pos)[0]
+                if end <= len(buf):
+                    self._pos = end
+                    return buf[pos + LENGTH.size:end]
+            chunk = os.read(self._reader.fileno(), READ_AHEAD)  # blocks while the pipe is empty
+            if not chunk:
+                raise EOFError("result pipe closed")
+            self._buf, self._pos = buf[pos:] + chunk, 0
 
     def discard_partial(self, pid: int) -> None:
         """Reader's thread only: forget a message ``pid`` died while sending."""
