@@ -84,6 +84,23 @@ def test_finish_writes_outcomes_returns_tokens_and_is_idempotent(r):
     assert r.llen(KEYS.tokens("d1")) == 2 and r.hlen(KEYS.inflight("d1")) == 0
 
 
+def test_batches_beyond_luas_unpack_limit_are_taken_and_finished_whole(r):
+    """fetch records and finish releases in batched calls, chunked under Lua's unpack limit."""
+    store = make_store(r)
+    store.reconcile("d1", 2500)
+    store.push("normal", [b"e%d" % i for i in range(1500)])
+    store.push("low", [b"l%d" % i for i in range(1500)])
+    got = store.fetch("d1", 2500)
+    assert len(got) == 2500 and len({f.slot for f in got}) == 2500
+    assert r.hlen(KEYS.inflight("d1")) == 5000 and r.llen(KEYS.tokens("d1")) == 0
+    items = [{"slot": f.slot, "action": "ack", "result_key": "", "reply_to": "", "reply": b"", "ttl": 1}
+             for f in got]
+    assert store.finish("d1", items + items[:3]) == 2500   # a repeated slot is applied once
+    assert r.hlen(KEYS.inflight("d1")) == 0
+    assert sorted(map(int, r.lrange(KEYS.tokens("d1"), 0, -1))) == list(range(2500))
+    assert r.llen("t:normal") == 0 and r.llen("t:low") == 500
+
+
 def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r):
     store = make_store(r)
     store.reconcile("d1", 2)

@@ -29,15 +29,28 @@ local function reply(item)
   end
 end
 
+-- The lease checks are one HGET per item; the leases are dropped and the tokens given back in
+-- one HDEL and one LPUSH per batch (per-item calls were most of the server's time per task).
+local done_fields, done_slots = {}, {}
+local function release()
+  if #done_slots > 0 then
+    redis.call('HDEL', KEYS[1], unpack(done_fields))
+    redis.call('LPUSH', KEYS[2], unpack(done_slots))
+    done_fields, done_slots = {}, {}
+  end
+end
+
 local items = cmsgpack.unpack(ARGV[1])
 local applied = 0
+local seen = {}
 for _, item in ipairs(items) do
   local slot = tostring(item.slot)
-  local element = redis.call('HGET', KEYS[1], slot)
+  local element = not seen[slot] and redis.call('HGET', KEYS[1], slot)
   if element then
-    local source = redis.call('HGET', KEYS[1], slot .. ':q')
-    redis.call('HDEL', KEYS[1], slot, slot .. ':q')
-    redis.call('LPUSH', KEYS[2], slot)
+    seen[slot] = true
+    done_fields[#done_fields + 1] = slot
+    done_fields[#done_fields + 1] = slot .. ':q'
+    done_slots[#done_slots + 1] = slot
     if item.action == 'ack' then
       reply(item)
     elseif item.action == 'retry' then
@@ -45,6 +58,7 @@ for _, item in ipairs(items) do
       redis.call('LPUSH', KEYS[3], 1)
       redis.call('LTRIM', KEYS[3], 0, 0)
     elseif item.action == 'dead' then
+      local source = redis.call('HGET', KEYS[1], slot .. ':q')
       local fields = {'payload', item.payload or element, 'queue', source}
       for name, value in pairs(item.fields) do
         fields[#fields + 1] = name
@@ -54,9 +68,13 @@ for _, item in ipairs(items) do
       redis.call('LPUSH', item.dead_list, item.dead_id)
       reply(item)
     elseif item.action == 'requeue' then
-      redis.call('RPUSH', source, element)
+      redis.call('RPUSH', redis.call('HGET', KEYS[1], slot .. ':q'), element)
     end
     applied = applied + 1
+    if #done_slots >= 2000 then  -- unpack() takes at most ~8000 values
+      release()
+    end
   end
 end
+release()
 return applied
