@@ -106,9 +106,16 @@ _JSON_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constan
 
 def decode_value(raw: bytes) -> Any:
     """Decode an element or a reply whatever codec it is in (for readers such as the CLI)."""
-    if sniff(raw) == JSON:
-        return _JSON_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
-    return msgpack.unpackb(raw, raw=False)
+    return _decode_as(sniff(raw), raw)
+
+
+def _decode_as(codec: str, raw: bytes) -> Any:
+    if codec == MSGPACK:
+        return msgpack.unpackb(raw, raw=False)
+    # '{"' is how nearly every element starts, and only UTF-8 can start so (UTF-16 and UTF-32
+    # put a zero byte next to the brace): skip the encoding detection.
+    encoding = "utf-8" if raw[:2] == b'{"' else json.detect_encoding(raw)
+    return _JSON_DECODER.decode(raw.decode(encoding, "surrogatepass"))
 
 
 def decode(raw: bytes, *, max_size: int) -> Task:
@@ -117,7 +124,7 @@ def decode(raw: bytes, *, max_size: int) -> Task:
         raise InvalidTask(f"element is {len(raw)} bytes, over the {max_size}-byte limit")
     codec = sniff(raw)
     try:
-        fields = decode_value(raw)
+        fields = _decode_as(codec, raw)
     except Exception as exc:  # any decoder failure is the producer's mistake, never ours
         kind = "JSON" if codec == JSON else "JSON or msgpack"
         raise InvalidTask(f"element is not valid {kind}: {type(exc).__name__}: {exc}"[:500]) from exc

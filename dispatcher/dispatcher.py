@@ -344,5 +344,8 @@ class Dispatcher:
                 time.sleep(0.2)
 
 
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
+def _first(task_value: Any, spec_value: Any, default: Any) -> Any:
+    """The task's own setting, else its decorator's, else the dispatcher's (twice per task)."""
+    if task_value is not None:
+        return task_value
+    return spec_value if spec_value is not None else default
