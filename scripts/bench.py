@@ -32,7 +32,8 @@ from dispatcher import Call, Client  # noqa: E402
 from dispatcher.server import start_server  # noqa: E402
 
 PROCS = 2
-PREFETCH = 30  # the --prefetch of the "prefetch" rows: tasks queued in the pool beyond idle children
+PREFETCH = 64  # the --prefetch of the "prefetch" rows: tasks queued in the pool beyond idle children;
+# the default --batch, so one fetch can refill the whole queue
 QUEUES = ("dispatcher:high", "dispatcher:normal", "dispatcher:low")
 
 
