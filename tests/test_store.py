@@ -5,6 +5,8 @@ import threading
 import time
 
 import msgpack
+import pytest
+import redis
 
 from dispatcher.keys import Keys
 from dispatcher.store import Store
@@ -99,6 +101,25 @@ def test_batches_beyond_luas_unpack_limit_are_taken_and_finished_whole(r):
     assert r.hlen(KEYS.inflight("d1")) == 0
     assert sorted(map(int, r.lrange(KEYS.tokens("d1"), 0, -1))) == list(range(2500))
     assert r.llen("t:normal") == 0 and r.llen("t:low") == 500
+
+
+def test_a_finish_that_fails_on_a_bad_reply_key_is_not_written_twice_by_its_retry(r):
+    """Redis keeps a script's writes made before an error: each lease goes before its writes."""
+    store = make_store(r)
+    store.reconcile("d1", 3)
+    store.push("normal", [b"a", b"b", b"c"])
+    a, b, c = store.fetch("d1", 3)
+    r.set("not-a-list", "x")
+    items = [
+        {"slot": a.slot, "action": "ack", "result_key": "", "reply_to": "", "reply": b"", "ttl": 50},
+        {"slot": b.slot, "action": "ack", "result_key": "t:result:b", "reply_to": "", "reply": b"B", "ttl": 50},
+        {"slot": c.slot, "action": "ack", "result_key": "", "reply_to": "not-a-list", "reply": b"C", "ttl": 50},
+    ]
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        store.finish("d1", items)
+    assert store.finish("d1", items) == 0            # the retry finds no lease: nothing written again
+    assert r.lrange("t:result:b", 0, -1) == [b"B"]
+    assert r.llen(KEYS.tokens("d1")) == 3 and r.hlen(KEYS.inflight("d1")) == 0
 
 
 def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r):

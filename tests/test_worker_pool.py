@@ -559,3 +559,21 @@ def test_results_arrive_whole_and_in_order_when_reads_end_inside_frames():
     finally:
         writer.join()
         queue.close()
+
+
+class _Registered:
+    """Picklable only through the reducer the test registers."""
+
+    def __reduce__(self):
+        raise TypeError("needs its registered reducer")
+
+
+def test_a_reducer_registered_after_import_is_used_by_the_queues():
+    from multiprocessing.reduction import ForkingPickler
+
+    from worker_pool import queues
+    ForkingPickler.register(_Registered, lambda obj: (str, ("via reducer",)))
+    try:
+        assert pickle.loads(queues.dumps([_Registered()])) == ["via reducer"]
+    finally:
+        del ForkingPickler._extra_reducers[_Registered]

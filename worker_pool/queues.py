@@ -82,10 +82,11 @@ READ_AHEAD = 1 << 16
 
 
 class _Pickler(pickle.Pickler):
-    """``ForkingPickler`` minus its set-up per call, which copies copyreg's dispatch table and
-    wraps a BytesIO: about as long as pickling a small task itself. The reducers are those
-    registered when this module was imported (multiprocessing registers its own at import)."""
-    dispatch_table = {**copyreg.dispatch_table, **ForkingPickler._extra_reducers}
+    """``ForkingPickler`` minus its set-up per call, which copies copyreg's dispatch table: about
+    as long as pickling a small task itself. A live view of the same two tables instead, so a
+    reducer registered later (``copyreg.pickle``, ``ForkingPickler.register``) still counts.
+    (Functions and builtin containers never consult it.)"""
+    dispatch_table = collections.ChainMap(ForkingPickler._extra_reducers, copyreg.dispatch_table)
 
 
 def dumps(obj: Any) -> bytes:

@@ -31,6 +31,10 @@ end
 
 -- The lease checks are one HGET per item; the leases are dropped and the tokens given back in
 -- one HDEL and one LPUSH per batch (per-item calls were most of the server's time per task).
+-- Before an item writes anything else, release() runs: a write that fails (a reply_to key that
+-- is not a list, say) aborts the script, and Redis keeps what the script wrote before the
+-- error, so every lease of an item whose outcome is written must already be gone, or a retry
+-- would write that outcome again.
 local done_fields, done_slots = {}, {}
 local function release()
   if #done_slots > 0 then
@@ -51,6 +55,11 @@ for _, item in ipairs(items) do
     done_fields[#done_fields + 1] = slot
     done_fields[#done_fields + 1] = slot .. ':q'
     done_slots[#done_slots + 1] = slot
+    local source = nil
+    if item.action ~= 'ack' or item.result_key ~= '' or item.reply_to ~= '' then
+      source = redis.call('HGET', KEYS[1], slot .. ':q')
+      release()
+    end
     if item.action == 'ack' then
       reply(item)
     elseif item.action == 'retry' then
@@ -58,7 +67,6 @@ for _, item in ipairs(items) do
       redis.call('LPUSH', KEYS[3], 1)
       redis.call('LTRIM', KEYS[3], 0, 0)
     elseif item.action == 'dead' then
-      local source = redis.call('HGET', KEYS[1], slot .. ':q')
       local fields = {'payload', item.payload or element, 'queue', source}
       for name, value in pairs(item.fields) do
         fields[#fields + 1] = name
@@ -68,7 +76,7 @@ for _, item in ipairs(items) do
       redis.call('LPUSH', item.dead_list, item.dead_id)
       reply(item)
     elseif item.action == 'requeue' then
-      redis.call('RPUSH', redis.call('HGET', KEYS[1], slot .. ':q'), element)
+      redis.call('RPUSH', source, element)
     end
     applied = applied + 1
     if #done_slots >= 2000 then  -- unpack() takes at most ~8000 values
