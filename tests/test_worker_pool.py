@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,9 @@ if HERE not in sys.path:
 import pool_jobs  # noqa: E402
 
 from worker_pool import JobEnd, WorkerPool  # noqa: E402
-from worker_pool.queues import FIRST, FRAME, FRAME_BODY, LAST, READ_AHEAD, ResultQueue, TaskQueue  # noqa: E402
+from worker_pool.queues import (  # noqa: E402
+    FIRST, FRAME, FRAME_BODY, LAST, READ_AHEAD, ResultQueue, TaskQueue, dumps,
+)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
@@ -569,11 +572,8 @@ class _Registered:
 
 
 def test_a_reducer_registered_after_import_is_used_by_the_queues():
-    from multiprocessing.reduction import ForkingPickler
-
-    from worker_pool import queues
     ForkingPickler.register(_Registered, lambda obj: (str, ("via reducer",)))
     try:
-        assert pickle.loads(queues.dumps([_Registered()])) == ["via reducer"]
+        assert pickle.loads(dumps([_Registered()])) == ["via reducer"]
     finally:
         del ForkingPickler._extra_reducers[_Registered]

@@ -338,7 +338,7 @@ class TaskQueue(SimpleQueue):
                 with open(path, "rb") as f:
                     body = memoryview(f.read())
                 os.unlink(path)
-            return ForkingPickler.loads(body)
+            return pickle.loads(body)
 
     def _read_message(self) -> bytes:
         fd = self._reader.fileno()
