@@ -94,3 +94,27 @@ def test_arbitrary_json_maps_decode_or_are_refused(fields):
         except InvalidTask:
             continue
         assert decode_value(task.encode())["task"] == task.name
+
+
+finite_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=8), st.lists(finite_values, max_size=3),
+       st.dictionaries(st.text(max_size=8), finite_values, max_size=3), st.text(min_size=1, max_size=8),
+       st.sampled_from([JSON, MSGPACK]))
+def test_plain_elements_decode_to_the_same_task_as_its_constructor(name, args, kwargs, task_id, codec):
+    """decode() builds elements without options by a shortcut (_plain_task); it must give the
+    very instance Task() would, every field included (a new field with a factory shows here)."""
+    fields = {"task": name, "args": args, "kwargs": kwargs, "id": task_id}
+    raw = json.dumps(fields).encode() if codec == JSON else msgpack.packb(fields)
+    got = decode(raw, max_size=LIMIT)
+    sent = decode_value(raw)  # what the codec makes of args and kwargs (JSON has no tuples)
+    want = Task(name=name, args=tuple(sent["args"]), kwargs=sent["kwargs"], id=task_id, codec=codec)
+    assert got == want
+    assert list(vars(got).items()) == list(vars(want).items())
