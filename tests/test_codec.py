@@ -104,17 +104,28 @@ finite_values = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
+options = st.fixed_dictionaries({}, optional={
+    "result": st.booleans(), "attempt": st.integers(0, 9), "max_retries": st.integers(0, 9),
+    "time_limit": st.floats(0.5, 9), "soft_time_limit": st.floats(0.5, 9),
+    "enqueued_at": st.floats(0, 2e9), "reply_to": st.text(min_size=1, max_size=8), "other": finite_values,
+})
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.text(min_size=1, max_size=8), st.lists(finite_values, max_size=3),
        st.dictionaries(st.text(max_size=8), finite_values, max_size=3), st.text(min_size=1, max_size=8),
-       st.sampled_from([JSON, MSGPACK]))
-def test_plain_elements_decode_to_the_same_task_as_its_constructor(name, args, kwargs, task_id, codec):
-    """decode() builds elements without options by a shortcut (_plain_task); it must give the
-    very instance Task() would, every field included (a new field with a factory shows here)."""
-    fields = {"task": name, "args": args, "kwargs": kwargs, "id": task_id}
+       options, st.sampled_from([JSON, MSGPACK]))
+def test_decode_gives_the_same_task_as_its_constructor(name, args, kwargs, task_id, opts, codec):
+    """decode() fills a Task's __dict__ itself (_new_task); it must give the very instance Task()
+    would, every field included, in order (a new field with a default factory shows up here)."""
+    fields = {"task": name, "args": args, "kwargs": kwargs, "id": task_id, **opts}
     raw = json.dumps(fields).encode() if codec == JSON else msgpack.packb(fields)
     got = decode(raw, max_size=LIMIT)
-    sent = decode_value(raw)  # what the codec makes of args and kwargs (JSON has no tuples)
-    want = Task(name=name, args=tuple(sent["args"]), kwargs=sent["kwargs"], id=task_id, codec=codec)
+    sent = decode_value(raw)  # what the codec makes of the values (JSON has no tuples)
+    want = Task(name=name, args=tuple(sent["args"]), kwargs=sent["kwargs"], id=task_id, codec=codec,
+                reply_to=sent.get("reply_to"), want_result=sent.get("result", False),
+                attempt=sent.get("attempt", 0), max_retries=sent.get("max_retries"),
+                time_limit=sent.get("time_limit"), soft_time_limit=sent.get("soft_time_limit"),
+                enqueued_at=sent.get("enqueued_at"), extra={"other": sent["other"]} if "other" in sent else {})
     assert got == want
     assert list(vars(got).items()) == list(vars(want).items())
