@@ -223,8 +223,11 @@ def bench_priority(url: str, r: redis.Redis, workdir: Path, lows: int, highs: in
         low_starts = [h.result(timeout=120) for h in low_handles]
     d.stop()
     last_high = max(high_starts)
-    overtaking = sum(1 for s in low_starts if high_in_redis < s < last_high)
-    return {"low_started_while_high_waited": overtaking}
+    overtaking = [s - high_in_redis for s in low_starts if high_in_redis < s < last_high]
+    # How soon after the push they started: a low taken from Redis just before the push is
+    # still on its way to a child for a fraction of a millisecond, and starts after it.
+    return {"low_started_while_high_waited": len(overtaking),
+            "overtakers_latest_start_ms": max(overtaking, default=0.0) * 1000}
 
 
 def bench_rss(url: str, r: redis.Redis, workdir: Path, queued: int, seconds: float = 3.0) -> int:
@@ -284,6 +287,26 @@ def bench_raw_pool(n: int) -> dict:
     return {"raw_pool_per_s": unbounded, "raw_pool_one_per_child_per_s": bounded}
 
 
+def bench_raw_pool_cpu(count: int, loops: int) -> dict:
+    """The same CPU-bound tasks on a bare Pool: what this machine allows, with the two ways of
+    feeding children the dispatcher has (all queued at once, like --prefetch; one per child)."""
+    ctx = multiprocessing.get_context("forkserver")
+    with ctx.Pool(PROCS) as pool:
+        pool.apply_async(burn, (10,)).get()
+        t0 = time.perf_counter()
+        work = sum(res.get() for res in [pool.apply_async(burn, (loops,)) for _ in range(count)])
+        unbounded = work / PROCS / (time.perf_counter() - t0)
+        free = threading.Semaphore(PROCS)
+        results = []
+        t0 = time.perf_counter()
+        for _ in range(count):
+            free.acquire()
+            results.append(pool.apply_async(burn, (loops,), callback=lambda _: free.release()))
+        work = sum(res.get() for res in results)
+        bounded = work / PROCS / (time.perf_counter() - t0)
+    return {"raw_pool_cpu_efficiency": unbounded, "raw_pool_one_per_child_cpu_efficiency": bounded}
+
+
 def median_of(runs: int, fn, *args) -> dict:
     results = [fn(*args) for _ in range(runs)]
     return {k: statistics.median(r[k] for r in results) for k in results[0]}
@@ -307,6 +330,8 @@ def main() -> int:
         out.update(median_of(runs, bench_raw_pool, n_drain))
         out.update(median_of(runs, bench_drain, server.url, r, workdir, n_drain))
         out["ratio_to_raw_pool"] = out["drain_per_s"] / out["raw_pool_per_s"]
+        # --prefetch 0 feeds one job per child: the raw pool fed the same way is its ceiling
+        out["ratio_to_raw_one_per_child"] = out["drain_per_s"] / out["raw_pool_one_per_child_per_s"]
         out.update(suffixed(median_of(runs, bench_drain, server.url, r, workdir, n_drain, *prefetch),
                             "prefetch"))
         out["ratio_to_raw_pool_prefetch"] = out["drain_per_s_prefetch"] / out["raw_pool_per_s"]
@@ -314,6 +339,7 @@ def main() -> int:
         out.update(median_of(runs, bench_latency, server.url, r, workdir, 100 if args.quick else 300))
         loops = calibrate_burn()
         cpu_tasks = 50 if args.quick else 200
+        out.update(median_of(runs, bench_raw_pool_cpu, cpu_tasks, loops))
         out.update(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops))
         out.update(suffixed(median_of(runs, bench_cpu, server.url, r, workdir, cpu_tasks, loops,
                                       *prefetch), "prefetch"))
@@ -339,7 +365,8 @@ def print_table(out: dict) -> None:
         ("raw Pool.apply_async no-op ceiling", f"{out['raw_pool_per_s']:,.0f} /s",
          f"one job per child: {out['raw_pool_one_per_child_per_s']:,.0f} /s"),
         (f"no-op drain, --procs {PROCS}", f"{out['drain_per_s']:,.0f} /s",
-         f"steady {out['steady_per_s']:,.0f} /s; {out['ratio_to_raw_pool']:.2f} x raw pool; "
+         f"steady {out['steady_per_s']:,.0f} /s; {out['ratio_to_raw_pool']:.2f} x raw pool, "
+         f"{out['ratio_to_raw_one_per_child']:.2f} x raw one per child; "
          f"with process start-up {out['with_startup_per_s']:,.0f} /s"),
         (f"  the same, --prefetch {PREFETCH}", f"{out['drain_per_s_prefetch']:,.0f} /s",
          f"steady {out['steady_per_s_prefetch']:,.0f} /s; {out['ratio_to_raw_pool_prefetch']:.2f} x raw pool"),
@@ -352,8 +379,12 @@ def print_table(out: dict) -> None:
          f"wall {out['cpu_wall_s']:.2f} s vs ideal {out['cpu_ideal_s']:.2f} s"),
         (f"  the same, --prefetch {PREFETCH}", f"efficiency {out['cpu_efficiency_prefetch']:.3f}",
          f"wall {out['cpu_wall_s_prefetch']:.2f} s"),
-        ("priority: lows started while a high waited", str(out["low_started_while_high_waited"]), ""),
-        (f"  the same, --prefetch {PREFETCH}", str(out["low_started_while_high_waited_prefetch"]), ""),
+        ("  the same tasks on a bare Pool", f"efficiency {out['raw_pool_cpu_efficiency']:.3f}",
+         f"one job per child: {out['raw_pool_one_per_child_cpu_efficiency']:.3f}"),
+        ("priority: lows started while a high waited", str(out["low_started_while_high_waited"]),
+         f"the latest {out['overtakers_latest_start_ms']:.2f} ms after the push"),
+        (f"  the same, --prefetch {PREFETCH}", str(out["low_started_while_high_waited_prefetch"]),
+         f"the latest {out['overtakers_latest_start_ms_prefetch']:.2f} ms after the push"),
         ("dispatcher peak RSS, 1k queued", f"{out['rss_kb_1k_queued'] / 1024:.1f} MB", ""),
     ]
     if "rss_kb_1m_queued" in out:
