@@ -227,7 +227,7 @@ def bench_priority(url: str, r: redis.Redis, workdir: Path, lows: int, highs: in
     # How soon after the push they started: a low taken from Redis just before the push is
     # still on its way to a child for a fraction of a millisecond, and starts after it.
     return {"low_started_while_high_waited": len(overtaking),
-            "overtakers_latest_start_ms": max(overtaking, default=0.0) * 1000}
+            "overtakers_latest_start_ms": max(overtaking) * 1000 if overtaking else float("nan")}
 
 
 def bench_rss(url: str, r: redis.Redis, workdir: Path, queued: int, seconds: float = 3.0) -> int:
@@ -281,15 +281,15 @@ def bench_raw_pool(n: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(n):
             free.acquire()
-            pool.apply_async(_pool_noop, callback=back)
+            pool.apply_async(_pool_noop, callback=back, error_callback=back)
         done.wait()
         bounded = n / (time.perf_counter() - t0)
     return {"raw_pool_per_s": unbounded, "raw_pool_one_per_child_per_s": bounded}
 
 
 def bench_raw_pool_cpu(count: int, loops: int) -> dict:
-    """The same CPU-bound tasks on a bare Pool: what this machine allows, with the two ways of
-    feeding children the dispatcher has (all queued at once, like --prefetch; one per child)."""
+    """The same CPU-bound tasks on a bare Pool: what this machine allows. Fed both ways: all
+    queued at once (as a deep --prefetch would), and one job per child (as --prefetch 0)."""
     ctx = multiprocessing.get_context("forkserver")
     with ctx.Pool(PROCS) as pool:
         pool.apply_async(burn, (10,)).get()
@@ -301,15 +301,21 @@ def bench_raw_pool_cpu(count: int, loops: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(count):
             free.acquire()
-            results.append(pool.apply_async(burn, (loops,), callback=lambda _: free.release()))
+            results.append(pool.apply_async(burn, (loops,), callback=lambda _: free.release(),
+                                            error_callback=lambda _: free.release()))
         work = sum(res.get() for res in results)
         bounded = work / PROCS / (time.perf_counter() - t0)
     return {"raw_pool_cpu_efficiency": unbounded, "raw_pool_one_per_child_cpu_efficiency": bounded}
 
 
 def median_of(runs: int, fn, *args) -> dict:
+    """Each figure's median over the runs that have it (NaN: that run had nothing to measure)."""
     results = [fn(*args) for _ in range(runs)]
-    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+    return {k: _median([r[k] for r in results if r[k] == r[k]]) for k in results[0]}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def main() -> int:
@@ -359,6 +365,12 @@ def main() -> int:
     return 0
 
 
+def _overtakers(latest_ms: float) -> str:
+    if latest_ms != latest_ms:
+        return "none in any run"
+    return f"the latest started {latest_ms:.2f} ms after the push (median of runs with any)"
+
+
 def print_table(out: dict) -> None:
     rows = [
         ("machine", out["machine"], ""),
@@ -382,9 +394,9 @@ def print_table(out: dict) -> None:
         ("  the same tasks on a bare Pool", f"efficiency {out['raw_pool_cpu_efficiency']:.3f}",
          f"one job per child: {out['raw_pool_one_per_child_cpu_efficiency']:.3f}"),
         ("priority: lows started while a high waited", str(out["low_started_while_high_waited"]),
-         f"the latest {out['overtakers_latest_start_ms']:.2f} ms after the push"),
+         _overtakers(out["overtakers_latest_start_ms"])),
         (f"  the same, --prefetch {PREFETCH}", str(out["low_started_while_high_waited_prefetch"]),
-         f"the latest {out['overtakers_latest_start_ms_prefetch']:.2f} ms after the push"),
+         _overtakers(out["overtakers_latest_start_ms_prefetch"])),
         ("dispatcher peak RSS, 1k queued", f"{out['rss_kb_1k_queued'] / 1024:.1f} MB", ""),
     ]
     if "rss_kb_1m_queued" in out:

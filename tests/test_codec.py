@@ -47,6 +47,11 @@ def test_retry_encoding_stays_in_the_codec_it_came_in():
     (b'{"task": "a", "max_retries": -1}', "'max_retries'"),
     (b'{"task": "a", "time_limit": 0}', "'time_limit'"),
     (b'{"task": "a", "result": "yes"}', "'result'"),
+    (b'{"task": "a", "reply_to": ""}', "'reply_to'"),
+    (b'{"task": "a", "reply_to": 3}', "'reply_to'"),
+    (b'{"task": "a", "attempt": true}', "'attempt'"),
+    (b'{"task": "a", "soft_time_limit": -1}', "'soft_time_limit'"),
+    (b'{"task": "a", "enqueued_at": "now"}', "'enqueued_at'"),
     (b'\xff\xfe{"task": "a"}', "not valid"),
     (b'{"task": "a", "args": [1e999]}', "out of range"),
     (b'{"task": "a", "args": [NaN]}', "not JSON"),
@@ -129,3 +134,4 @@ def test_decode_gives_the_same_task_as_its_constructor(name, args, kwargs, task_
                 enqueued_at=sent.get("enqueued_at"), extra={"other": sent["other"]} if "other" in sent else {})
     assert got == want
     assert list(vars(got).items()) == list(vars(want).items())
+    assert [type(v) for v in vars(got).values()] == [type(v) for v in vars(want).values()]
