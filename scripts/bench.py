@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
+import multiprocessing.pool
 import os
 import platform
 import statistics
@@ -259,30 +261,31 @@ def _pool_noop() -> None:
     return None
 
 
+def _one_job_per_child(pool: multiprocessing.pool.Pool, fn, args: tuple, count: int) -> list:
+    """Submit `count` jobs, never more than PROCS unfinished at once (the dispatcher's rule at
+    --prefetch 0); returns their results once every one has finished."""
+    free = threading.Semaphore(PROCS)
+    release = lambda _: free.release()  # noqa: E731
+    results = []
+    for _ in range(count):
+        free.acquire()
+        results.append(pool.apply_async(fn, args, callback=release, error_callback=release))
+    for _ in range(PROCS):
+        free.acquire()  # the last jobs have finished
+    return results
+
+
 def bench_raw_pool(n: int) -> dict:
     """The ceiling: multiprocessing.Pool.apply_async no-ops, unbounded and one job per child."""
     ctx = multiprocessing.get_context("forkserver")
     with ctx.Pool(PROCS) as pool:
         pool.apply_async(_pool_noop).get()
         t0 = time.perf_counter()
-        results = [pool.apply_async(_pool_noop) for _ in range(n)]
-        for res in results:
+        for res in [pool.apply_async(_pool_noop) for _ in range(n)]:
             res.get()
         unbounded = n / (time.perf_counter() - t0)
-        free = threading.Semaphore(PROCS)
-        done = threading.Event()
-        left = [n]
-
-        def back(_):
-            free.release()
-            left[0] -= 1
-            if left[0] == 0:
-                done.set()
         t0 = time.perf_counter()
-        for _ in range(n):
-            free.acquire()
-            pool.apply_async(_pool_noop, callback=back, error_callback=back)
-        done.wait()
+        _one_job_per_child(pool, _pool_noop, (), n)
         bounded = n / (time.perf_counter() - t0)
     return {"raw_pool_per_s": unbounded, "raw_pool_one_per_child_per_s": bounded}
 
@@ -296,22 +299,16 @@ def bench_raw_pool_cpu(count: int, loops: int) -> dict:
         t0 = time.perf_counter()
         work = sum(res.get() for res in [pool.apply_async(burn, (loops,)) for _ in range(count)])
         unbounded = work / PROCS / (time.perf_counter() - t0)
-        free = threading.Semaphore(PROCS)
-        results = []
         t0 = time.perf_counter()
-        for _ in range(count):
-            free.acquire()
-            results.append(pool.apply_async(burn, (loops,), callback=lambda _: free.release(),
-                                            error_callback=lambda _: free.release()))
-        work = sum(res.get() for res in results)
-        bounded = work / PROCS / (time.perf_counter() - t0)
+        results = _one_job_per_child(pool, burn, (loops,), count)
+        bounded = sum(res.get() for res in results) / PROCS / (time.perf_counter() - t0)
     return {"raw_pool_cpu_efficiency": unbounded, "raw_pool_one_per_child_cpu_efficiency": bounded}
 
 
 def median_of(runs: int, fn, *args) -> dict:
     """Each figure's median over the runs that have it (NaN: that run had nothing to measure)."""
     results = [fn(*args) for _ in range(runs)]
-    return {k: _median([r[k] for r in results if r[k] == r[k]]) for k in results[0]}
+    return {k: _median([r[k] for r in results if not math.isnan(r[k])]) for k in results[0]}
 
 
 def _median(values: list[float]) -> float:
@@ -366,7 +363,7 @@ def main() -> int:
 
 
 def _overtakers(latest_ms: float) -> str:
-    if latest_ms != latest_ms:
+    if math.isnan(latest_ms):
         return "none in any run"
     return f"the latest started {latest_ms:.2f} ms after the push (median of runs with any)"
 

@@ -121,8 +121,8 @@ options = st.fixed_dictionaries({}, optional={
        st.dictionaries(st.text(max_size=8), finite_values, max_size=3), st.text(min_size=1, max_size=8),
        options, st.sampled_from([JSON, MSGPACK]))
 def test_decode_gives_the_same_task_as_its_constructor(name, args, kwargs, task_id, opts, codec):
-    """decode() fills a Task's __dict__ itself (_new_task); it must give the very instance Task()
-    would, every field included, in order (a new field with a default factory shows up here)."""
+    """decode() fills a Task's __dict__ itself (_new_task); it must give an instance equal to what
+    Task() gives, every field included, in order (a new field with a default factory shows here)."""
     fields = {"task": name, "args": args, "kwargs": kwargs, "id": task_id, **opts}
     raw = json.dumps(fields).encode() if codec == JSON else msgpack.packb(fields)
     got = decode(raw, max_size=LIMIT)
