@@ -30,7 +30,7 @@ if HERE not in sys.path:
 
 import pool_jobs  # noqa: E402
 
-from worker_pool import JobEnd, WorkerPool  # noqa: E402
+from worker_pool import Call, JobEnd, WorkerPool  # noqa: E402
 from worker_pool.queues import (  # noqa: E402
     FIRST, FRAME, FRAME_BODY, LAST, READ_AHEAD, ResultQueue, TaskQueue, dumps,
 )
@@ -172,6 +172,96 @@ def test_submit_rejects_a_pending_key_and_a_closed_pool(make_pool):
     with pytest.raises(ValueError, match="closed"):
         pool.submit("other", pool_jobs.noop, on_end=ends)
     assert pool.join(10) and ends.one().ok
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+def by_key(ends: list[JobEnd]) -> dict[object, JobEnd]:
+    found = {end.key: end for end in ends}
+    assert len(found) == len(ends), "a key ended twice"
+    return found
+
+
+@pytest.mark.timeout(20)
+def test_a_batch_ends_each_call_once_in_order_as_it_returns(make_pool):
+    pool = make_pool(1)
+    ends = Ends()
+    calls = [Call(("b", i), pool_jobs.double, (i,)) for i in range(5)]
+    calls[2] = Call(("b", 2), pool_jobs.fail, ("bad two",))
+    calls[3] = Call(("b", 3), pool_jobs.unpicklable_result)
+    pool.submit_batch(calls, on_end=ends)
+    got = ends.wait(5)
+    assert [end.key for end in got] == [("b", i) for i in range(5)]
+    assert [end.value for end in got if end.ok] == [0, 2, 8]
+    assert (got[2].error_type, got[2].error_message) == ("ValueError", "bad two")
+    assert got[3].error_type == "MaybeEncodingError" and "could not be sent" in got[3].error_message
+    assert all(end.started is not None for end in got)
+    assert [end.duration is not None for end in got] == [True, True, True, False, True]
+    assert [end.started for end in got] == sorted(end.started for end in got)
+    assert pool.pending() == 0 and pool.running() == {}
+    time.sleep(0.1)
+    assert len(ends.ends) == 5
+
+
+@pytest.mark.timeout(20)
+def test_a_call_ends_before_the_rest_of_its_batch_runs(make_pool):
+    pool = make_pool(1)
+    ends = Ends()
+    pool.submit_batch([Call("quick", pool_jobs.double, (1,)), Call("slow", pool_jobs.sleep, (1.0,))],
+                      on_end=ends)
+    assert ends.one(timeout=0.8).key == "quick"
+    assert pool.pending() == 1 and running_pid(pool, "slow") in pool.pids()
+    assert ends.wait(2)[1].value == 1.0
+
+
+@pytest.mark.timeout(20)
+def test_a_batch_rejects_repeated_or_pending_keys(make_pool):
+    pool = make_pool()
+    ends = Ends()
+    with pytest.raises(ValueError, match="same key twice"):
+        pool.submit_batch([Call("a", pool_jobs.noop), Call("a", pool_jobs.noop)], on_end=ends)
+    pool.submit("busy", pool_jobs.sleep, (0.2,), on_end=ends)
+    with pytest.raises(ValueError, match="not ended"):
+        pool.submit_batch([Call("b", pool_jobs.noop), Call("busy", pool_jobs.noop)], on_end=ends)
+    assert ends.one().key == "busy" and pool.pending() == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["sigkill", "os_exit"])
+def test_a_child_lost_mid_batch_fails_only_its_running_call(make_pool, how):
+    """Calls that returned keep their results; the running one is WorkerLost; the ones after
+    it never started, so they run again, in another child, and end normally."""
+    pool = make_pool(2)
+    ends = Ends()
+    victim = Call("victim", pool_jobs.sleep, (30,)) if how == "sigkill" else Call("victim", pool_jobs.os_exit, (3,))
+    calls = [Call("before", pool_jobs.double, (1,)), victim,
+             *(Call(("after", i), pool_jobs.double, (i,)) for i in range(3))]
+    pool.submit_batch(calls, on_end=ends)
+    if how == "sigkill":
+        os.kill(running_pid(pool, "victim"), signal.SIGKILL)
+    found = by_key(ends.wait(5))
+    assert found["before"].ok and found["before"].value == 2
+    assert (found["victim"].ok, found["victim"].error_type) == (False, "WorkerLost")
+    assert found["victim"].started is not None
+    assert [found[("after", i)].value for i in range(3)] == [0, 2, 4]
+    time.sleep(0.2)
+    assert len(ends.ends) == 5 and pool.pending() == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_closed_pool_fails_the_unstarted_calls_of_a_lost_batch(make_pool):
+    pool = make_pool(1)
+    ends = Ends()
+    pool.submit_batch([Call("victim", pool_jobs.sleep, (30,)), Call("next", pool_jobs.noop)],
+                      on_end=ends)
+    pid = running_pid(pool, "victim")
+    pool.close()
+    os.kill(pid, signal.SIGKILL)
+    found = by_key(ends.wait(2))
+    assert found["victim"].error_type == "WorkerLost"
+    assert found["next"].error_type == "WorkerLost" and "not started" in found["next"].error_message
+    assert found["next"].started is None or found["next"].started <= time.time()
+    assert pool.join(10)
 
 
 # -- deaths -------------------------------------------------------------------------------------

@@ -10,21 +10,27 @@ trust it:
   ``Pool.terminate`` (which this package turns into SIGKILL), still stop any child.
 * ``run_job`` wraps the caller's function: it arms the soft time limit, turns *any* exception
   into plain strings (so an exception that cannot be pickled still gets home), and records when
-  the function started.
+  the function started and how long it ran.
+* ``run_batch`` runs a batch's calls in order and sends each outcome home as soon as the call
+  returns, as its own result message: the parent then knows, if the child dies, which call was
+  running and which had not started.
 
 The start report ("job J taken by pid P") is written by the task queue itself, while the child
 still holds the queue's read lock; see ``worker_pool.queues.TaskQueue``.
 """
 from __future__ import annotations
 
+import multiprocessing.pool
 import signal
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-# (ok, value, started) or (False, (error_type, message, traceback), started)
-Outcome = tuple[bool, Any, float]
+# (ok, value, started, seconds) or (False, (error_type, message, traceback), started, seconds)
+Outcome = tuple[bool, Any, float, float]
+# What run_job takes: fn, args, kwargs, soft time limit
+Work = tuple[Callable[..., Any], tuple, dict, "float | None"]
 
 
 class SoftTimeLimitExceeded(Exception):
@@ -39,6 +45,9 @@ class SoftTimeLimitExceeded(Exception):
 # once per job (it clears the flag itself), so the exception can never escape run_job's
 # bookkeeping and reach the Pool's worker loop.
 _in_fn = False
+# This child's end of the pool's result pipe, given by init_child: run_batch sends the outcome of
+# each call but the last through it (Pool's own worker loop sends the last, as for any job).
+_results: Any = None
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
@@ -48,8 +57,10 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise SoftTimeLimitExceeded("soft time limit exceeded")
 
 
-def init_child(initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+def init_child(results: Any, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
     """Pool initializer: set the signal policy, then call the caller's initializer."""
+    global _results
+    _results = results
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _on_alarm)
@@ -65,6 +76,7 @@ def run_job(fn: Callable[..., Any], args: tuple, kwargs: dict, soft_limit: float
     """
     global _in_fn
     started = time.time()
+    clock = time.perf_counter()
     try:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a hard time limit may stop fn
@@ -77,13 +89,26 @@ def run_job(fn: Callable[..., Any], args: tuple, kwargs: dict, soft_limit: float
             # the handler stays silent.
             _in_fn = False
     except BaseException as exc:  # noqa: BLE001 -- every failure of fn is the job's result
-        outcome: Outcome = (False, _describe(exc), started)
+        outcome: Outcome = (False, _describe(exc), started, time.perf_counter() - clock)
     else:
-        outcome = (True, value, started)
+        outcome = (True, value, started, time.perf_counter() - clock)
     if soft_limit is not None:
         signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return outcome
+
+
+def run_batch(job: int, calls: list[Work]) -> Outcome:
+    """Run the calls in order. Each outcome but the last goes home at once, under the Pool job
+    id with the call's index; the last is returned, and Pool sends it under the last index."""
+    last = len(calls) - 1
+    for index in range(last):
+        outcome = run_job(*calls[index])
+        try:
+            _results.put((job, index, (True, outcome)))
+        except Exception as exc:  # noqa: BLE001 -- an unpicklable value fails its own call only
+            _results.put((job, index, (False, multiprocessing.pool.MaybeEncodingError(exc, outcome[1]))))
+    return run_job(*calls[last])
 
 
 def _describe(exc: BaseException) -> tuple[str, str, str]:

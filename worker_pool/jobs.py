@@ -4,7 +4,16 @@ from __future__ import annotations
 import multiprocessing.pool
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Call(NamedTuple):
+    """One call for ``WorkerPool.submit_batch``; ``key`` names its end, as in ``submit``."""
+    key: Hashable
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict | None = None
+    soft_time_limit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -16,8 +25,9 @@ class JobEnd:
     error_type: str        # "" if ok; the remote exception's class, WorkerLost, TimeLimitExceeded
     error_message: str
     traceback: str         # remote traceback text ("" when ok or when there is none)
-    started: float | None  # time.time() when the child took the job; None if it never did
+    started: float | None  # time.time() when the job's function started; None if it never did
     ended: float           # time.time() when the end was noticed
+    duration: float | None = None  # seconds the function ran, by the child's clock (if it returned)
 
 
 class WorkerLost(Exception):
@@ -30,14 +40,21 @@ class TimeLimitExceeded(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """The pool's record of one submitted job, from submit() until it ends (internal)."""
-    key: Hashable
+    """The pool's record of one Pool job -- a single call or a batch -- from submission until
+    its last call ends (internal). A batch's calls run, and end, in order."""
+    calls: list[Call]
     on_end: Callable[[JobEnd], None]
     time_limit: float | None
+    ended: int = 0                   # how many of the calls have ended: calls[ended] is next
     seq: int = -1                    # Pool's job id, also the id in the child's start report
     result: multiprocessing.pool.ApplyResult | None = None
     pid: int | None = None
-    started: float | None = None
+    started: float | None = None     # when the child took the job (its first call's start)
     deadline: float | None = None    # time.monotonic() at which the hard limit fires
     term_sent: float | None = None   # time.monotonic() of the SIGTERM
     kill_sent: bool = False
+
+    @property
+    def key(self) -> Hashable:
+        """The key of the call that runs now (or would run next)."""
+        return self.calls[min(self.ended, len(self.calls) - 1)].key

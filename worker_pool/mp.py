@@ -1,9 +1,11 @@
 """What ``worker_pool`` changes in ``multiprocessing.pool.Pool`` (CPython 3.10-3.13), in one place.
 
 * ``_setup_queues``: the lock-safe queues of ``worker_pool.queues``.
-* ``apply_async``: writes the task itself when the pipe has room, saving a wake-up of Pool's
-  task handler thread per job (about 0.2 ms of latency for an idle pool); returns a
-  ``CallbackResult``, an ``ApplyResult`` without the Event that only ``get()`` needs.
+* ``start_job`` instead of ``apply_async``: writes the task itself when the pipe has room,
+  saving a wake-up of Pool's task handler thread per job (about 0.2 ms of latency for an idle
+  pool); returns a ``JobResult``, an ``ApplyResult`` without the Event that only ``get()``
+  needs, which takes several results per job (a batch's calls, see ``child.run_batch``).
+* The initializer gets the result queue as its first argument, for ``child.run_batch``.
 * ``Process``: Pool calls ``self.Process`` for every child it starts; the override reports each
   new child to the watchdog before the child can run anything, and makes ``terminate()`` of a
   child mean SIGKILL (children ignore SIGTERM between jobs, see ``worker_pool.child``, so the
@@ -64,7 +66,8 @@ class ProcessPool(multiprocessing.pool.Pool):
                  on_new_child: Callable[[BaseProcess], None]) -> None:
         self._report = report
         self._on_new_child = on_new_child
-        super().__init__(procs, initializer, initargs, context=ctx)
+        self._results = ResultQueue(ctx=ctx)
+        super().__init__(procs, initializer, (self._results, *initargs), context=ctx)
         self._cache.notifier = _NotifyOnceClosed(self, self._change_notifier)
 
     def Process(self, ctx: context.BaseContext, *args: Any, **kwds: Any) -> Any:  # noqa: N802
@@ -80,16 +83,19 @@ class ProcessPool(multiprocessing.pool.Pool):
         # change notifier are all it needs to replace a dead child and to notice close().
         return [self._change_notifier._reader]
 
-    def apply_async(self, func: Callable, args: tuple = (), kwds: dict | None = None,
-                    callback: Callable | None = None,
-                    error_callback: Callable | None = None) -> multiprocessing.pool.ApplyResult:
-        """Stock ``apply_async``, minus a thread hop when it can: the task is written to the
+    def start_job(self, func: Callable, args: tuple,
+                  on_result: Callable[[int, bool, Any], None], *, last: int = 0,
+                  pass_id: bool = False) -> JobResult:
+        """Queue ``func(*args)`` (``func(job_id, *args)`` with ``pass_id``); ``on_result(i, ok,
+        value)`` runs in the result handler for each of its results, ``i`` up to ``last``.
+
+        Like stock ``apply_async``, minus a thread hop when it can: the task is written to the
         pipe from the caller's thread if the pipe surely has room for it. Otherwise (pipe full,
         a task that cannot be pickled) it goes through Pool's task handler thread as usual, and
         so do all later tasks until the handler has caught up, so tasks keep their order."""
         self._check_running()
-        result = CallbackResult(self, callback, error_callback)
-        task = (result._job, 0, func, args, {} if kwds is None else kwds)
+        result = JobResult(self, on_result, last)
+        task = (result._job, last, func, (result._job, *args) if pass_id else args, {})
         with self._direct_lock:
             if not self._handed_off and self._inqueue.has_room():
                 try:
@@ -111,7 +117,7 @@ class ProcessPool(multiprocessing.pool.Pool):
 
     def _setup_queues(self) -> None:
         self._inqueue = TaskQueue(ctx=self._ctx, report=self._report)
-        self._outqueue = ResultQueue(ctx=self._ctx)
+        self._outqueue = self._results
         self._direct_lock = threading.Lock()
         self._handed_off = 0  # tasks given to the task handler thread and not yet written
         self._quick_put = self._put_from_handler
@@ -128,35 +134,40 @@ class ProcessPool(multiprocessing.pool.Pool):
             time.sleep(0)
 
 
-class CallbackResult(multiprocessing.pool.ApplyResult):
-    """What ``ProcessPool.apply_async`` returns: an ``ApplyResult`` known only through its
-    callbacks. Stock ``ApplyResult`` builds a ``threading.Event`` (a Condition and its locks)
+class JobResult(multiprocessing.pool.ApplyResult):
+    """What ``ProcessPool.start_job`` returns: an ``ApplyResult`` known only through its
+    callback. Stock ``ApplyResult`` builds a ``threading.Event`` (a Condition and its locks)
     for every job, for ``get()`` and ``wait()``, which the worker pool never calls; that was a
-    sixth of the parent's cost of submitting a no-op."""
+    sixth of the parent's cost of submitting a no-op. It also takes results ``0..last`` (the
+    Pool job's own result, sent by Pool's worker loop, is ``last``) and leaves Pool's cache
+    after that one, or when ``drop()``ped."""
 
-    def __init__(self, pool: multiprocessing.pool.Pool, callback: Callable | None,
-                 error_callback: Callable | None) -> None:
+    def __init__(self, pool: multiprocessing.pool.Pool, on_result: Callable[[int, bool, Any], None],
+                 last: int) -> None:
         self._pool = pool
         self._job = next(multiprocessing.pool.job_counter)  # type: ignore[attr-defined]
         self._cache = pool._cache  # type: ignore[attr-defined]
-        self._callback = callback
-        self._error_callback = error_callback
+        self._on_result = on_result
+        self._last = last
         self._cache[self._job] = self
 
     def ready(self) -> bool:
         return self._pool is None
 
     def wait(self, timeout: float | None = None) -> None:
-        raise TypeError("a CallbackResult reports through its callbacks only")
+        raise TypeError("a JobResult reports through its callback only")
 
     def _set(self, i: int, obj: tuple[bool, Any]) -> None:
-        self._success, self._value = obj
-        if self._success:
-            if self._callback:
-                self._callback(self._value)
-        elif self._error_callback:
-            self._error_callback(self._value)
-        del self._cache[self._job]
+        try:
+            self._on_result(i, *obj)
+        finally:
+            if i >= self._last:
+                self.drop()
+
+    def drop(self) -> None:
+        """Take no more results: the child that would send them is gone. Result handler only."""
+        if self._job in self._cache:  # del, not pop: Pool's cache notifies on del when it empties
+            del self._cache[self._job]
         self._pool = None
 
 

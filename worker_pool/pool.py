@@ -48,13 +48,13 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from multiprocessing.connection import Pipe, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from worker_pool import child
-from worker_pool.jobs import Job, JobEnd, TimeLimitExceeded, WorkerLost
+from worker_pool.jobs import Call, Job, JobEnd, TimeLimitExceeded, WorkerLost
 from worker_pool.mp import Barrier, ProcessPool, describe_exit, send_signal
 from worker_pool.queues import NO_JOB, REPORT
 
@@ -127,22 +127,50 @@ class WorkerPool:
 
         Raises ValueError if the pool is closed or a job with the same key has not ended yet.
         """
-        for limit in (time_limit, soft_time_limit):
-            if limit is not None and not limit > 0:
-                raise ValueError(f"time limits must be positive, got {limit!r}")
-        job = Job(key, on_end, time_limit)
+        if time_limit is not None and not time_limit > 0:
+            raise ValueError(f"time limits must be positive, got {time_limit!r}")
+        self._start(Job([Call(key, fn, args, kwargs, soft_time_limit)], on_end, time_limit))
+
+    def submit_batch(self, calls: Sequence[Call], *, on_end: Callable[[JobEnd], None]) -> None:
+        """Queue the calls as one job: one child runs them in order, and each ends (exactly once)
+        as soon as it returns.
+
+        For short calls: one task message and one start report for the lot, rather than one per
+        call. The price: calls behind a slow one wait for it even if another child is free. If
+        the child dies, only the call it was running ends (``WorkerLost``); the calls it had not
+        started are queued again (or, once the pool is closed, end with ``WorkerLost`` too).
+        Batches take no hard time limit.
+        """
+        if calls:
+            self._start(Job(list(calls), on_end, None))
+
+    def _start(self, job: Job) -> None:
+        for call in job.calls:
+            if call.soft_time_limit is not None and not call.soft_time_limit > 0:
+                raise ValueError(f"time limits must be positive, got {call.soft_time_limit!r}")
         with self._lock:
             if self._closed:
                 raise ValueError("pool is closed")
-            if key in self._keys:
-                raise ValueError(f"a job with key {key!r} has not ended yet")
-            job.result = self._pool.apply_async(
-                child.run_job, (fn, args, kwargs or {}, soft_time_limit),
-                callback=functools.partial(self._on_outcome, job),
-                error_callback=functools.partial(self._on_error, job))
-            job.seq = job.result._job  # type: ignore[attr-defined]
-            self._jobs[job.seq] = job
-            self._keys.add(key)
+            keys = [call.key for call in job.calls]
+            if len(keys) > 1 and len(set(keys)) < len(keys):
+                raise ValueError(f"a batch names the same key twice: {keys!r}")
+            for key in keys:
+                if key in self._keys:
+                    raise ValueError(f"a job with key {key!r} has not ended yet")
+            self._start_locked(job)
+
+    def _start_locked(self, job: Job) -> None:
+        on_result = functools.partial(self._on_result, job)
+        work = [(c.fn, c.args, {} if c.kwargs is None else c.kwargs, c.soft_time_limit)
+                for c in job.calls]
+        if len(work) == 1:
+            job.result = self._pool.start_job(child.run_job, work[0], on_result)
+        else:
+            job.result = self._pool.start_job(child.run_batch, (work,), on_result,
+                                              last=len(work) - 1, pass_id=True)
+        job.seq = job.result._job  # type: ignore[attr-defined]
+        self._jobs[job.seq] = job
+        self._keys.update(call.key for call in job.calls)
 
     def running(self) -> dict[Hashable, tuple[int, float]]:
         """key -> (pid, started) for the jobs a child has taken and that have not ended."""
@@ -152,9 +180,9 @@ class WorkerPool:
         return {job.key: (pid, job.started) for pid, job in jobs if job.started is not None}
 
     def pending(self) -> int:
-        """Submitted jobs that have not ended yet (queued or running)."""
+        """Submitted calls that have not ended yet (queued or running)."""
         with self._lock:
-            return len(self._jobs)
+            return len(self._keys)
 
     def live_children(self) -> int:
         return len(self._live())
@@ -207,41 +235,54 @@ class WorkerPool:
 
     # -- ends -------------------------------------------------------------------------------
 
-    def _on_outcome(self, job: Job, outcome: child.Outcome) -> None:
-        ok, payload, started = outcome
-        if ok:
-            self._finish(job, True, payload, "", "", "", started)
+    def _on_result(self, job: Job, index: int, ok: bool, value: Any) -> None:
+        """Pool's result handler: result ``index`` of the job, which ends that call."""
+        if not ok:  # Pool's own error: every call up to this one ends with it (see JobResult)
+            for i in range(job.ended, index + 1):
+                self._on_error(job, i, value)
+            return
+        fn_ok, payload, started, seconds = value
+        if fn_ok:
+            self._finish(job, index, True, payload, "", "", "", started, seconds)
         else:
-            self._finish(job, False, None, *payload, started)
+            self._finish(job, index, False, None, *payload, started, seconds)
 
-    def _on_error(self, job: Job, exc: BaseException) -> None:
+    def _on_error(self, job: Job, index: int, exc: BaseException) -> None:
         message = str(exc)
         if isinstance(exc, multiprocessing.pool.MaybeEncodingError):
             message = f"the job's result could not be sent to the parent: {exc.exc}"
         tb = getattr(exc.__cause__, "tb", "")  # a RemoteTraceback, if Pool wrapped one
         if not tb and exc.__traceback__ is not None:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self._finish(job, False, None, type(exc).__name__, message, tb, None)
+        self._finish(job, index, False, None, type(exc).__name__, message, tb, None, None)
 
-    def _finish(self, job: Job, ok: bool, value: Any, error_type: str, message: str, tb: str,
-                started: float | None) -> None:
+    def _finish(self, job: Job, index: int, ok: bool, value: Any, error_type: str, message: str,
+                tb: str, started: float | None, seconds: float | None) -> None:
         with self._lock:
-            if job.seq not in self._jobs:
+            if self._jobs.get(job.seq) is not job or index != job.ended:
                 return  # already ended (or abandoned by terminate)
             if started is None and job.started is None and not ok:
                 self._read_reports()  # a failed job's start report may still be unread
-            del self._jobs[job.seq]
-            self._keys.discard(job.key)
-            if job.pid is not None and self._by_pid.get(job.pid) == job.seq:
-                del self._by_pid[job.pid]
+            if started is None:
+                started = job.started  # when the child took the job, or ended the call before
+            elif seconds is not None:
+                job.started = started + seconds  # about when the batch's next call started
+            job.ended += 1
+            key = job.calls[index].key
+            self._keys.discard(key)
+            last = job.ended == len(job.calls)
+            if last:
+                del self._jobs[job.seq]
+                if job.pid is not None and self._by_pid.get(job.pid) == job.seq:
+                    del self._by_pid[job.pid]
             self._ending += 1
-        self._pool._inqueue.forget(job.seq)
-        end = JobEnd(job.key, ok, value, error_type, message, tb,
-                     started if started is not None else job.started, time.time())
+        if last:
+            self._pool._inqueue.forget(job.seq)
+        end = JobEnd(key, ok, value, error_type, message, tb, started, time.time(), seconds)
         try:
             job.on_end(end)
         except BaseException:  # noqa: BLE001 -- gh-83371: a raising callback hangs the pool
-            logger.exception("on_end for job %r raised; ignored", job.key)
+            logger.exception("on_end for job %r raised; ignored", key)
         finally:
             with self._lock:
                 self._ending -= 1
@@ -249,20 +290,32 @@ class WorkerPool:
                     self._idle.notify_all()
 
     def _end_lost(self, seq: int, pid: int | None, how: str) -> None:
-        """Runs in the result handler, behind a barrier: the dead child's results are in."""
+        """Runs in the result handler, behind a barrier: the dead child's results are in. The
+        call it was running fails; a batch's calls after it never started and are queued again."""
         if pid is not None:
             self._pool._outqueue.discard_partial(pid)
         with self._lock:
             job = self._jobs.get(seq)
-        if job is None or job.result is None:
-            return  # its result arrived before the child died
+            if job is None or job.result is None:
+                return  # its result arrived before the child died
+            running = job.ended
+            unstarted = job.calls[running + 1:]
+            if unstarted and not self._closed:
+                del job.calls[running + 1:]
+                self._keys.difference_update(call.key for call in unstarted)
+                self._start_locked(Job(unstarted, job.on_end, None))
+                unstarted = []
         if job.term_sent is not None:
             limit = job.time_limit
             error: Exception = TimeLimitExceeded(f"time limit of {limit:g} s exceeded: {how}")
         else:
             error = WorkerLost(f"worker lost: {how}")
-        logger.warning("job %r: %s", job.key, error)
-        job.result._set(0, (False, error))  # type: ignore[attr-defined]  # calls _on_error
+        logger.warning("job %r: %s", job.calls[running].key, error)
+        job.result.drop()  # type: ignore[attr-defined]
+        self._on_error(job, running, error)
+        for i in range(running + 1, running + 1 + len(unstarted)):  # only once the pool is closed
+            self._on_error(job, i, WorkerLost(f"not started: the child running its batch was lost "
+                                              f"({how}) and the pool is closed"))
 
     def _fail_later(self, seq: int, pid: int | None, how: str) -> None:
         key = ("worker_pool.barrier", next(self._barrier_ids))
@@ -327,7 +380,9 @@ class WorkerPool:
                 job = self._jobs.get(seq)
                 if job is None:
                     continue  # it ended before its report was read
-                job.pid, job.started = pid, started
+                job.pid = pid
+                if job.ended == 0:  # else a call's end already said when the next one started
+                    job.started = started
                 if job.time_limit is not None:  # counted from the child's start, not from now
                     job.deadline = now + job.time_limit - max(0.0, wall - started)
                 self._by_pid[pid] = seq
