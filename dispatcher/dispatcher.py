@@ -5,7 +5,8 @@ round trip. Pool threads only append finished jobs to an in-memory outbox and wa
 callback can never raise into the pool or block on Redis. The loop takes a task only for a free
 slot (token); there is one slot per child, plus --prefetch slots whose tasks wait in the pool's
 queue for whichever child frees first. A child only ever takes a task when it is idle, so no
-child is ever handed a second task.
+child is ever handed a second task -- except that, with --prefetch, tasks seen to run for
+microseconds may go to the pool in small batches (``dispatcher.batching``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 import redis
 
 from dispatcher import outcomes
+from dispatcher.batching import Batcher
 from dispatcher.codec import Task, decode
 from dispatcher.errors import InvalidTask
 from dispatcher.execute import init_child, run
@@ -29,7 +31,7 @@ from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
 from dispatcher.waiters import Waiters, Wakeup
-from worker_pool import JobEnd, WorkerPool
+from worker_pool import Call, JobEnd, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class Dispatcher:
         self._outage = _Outage()
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
+        self._batcher = Batcher(settings.procs)
         self._waiters = Waiters(client, [*store.keys.queues, store.keys.wake], self._wakeup)
         self._heartbeat: Heartbeat | None = None
 
@@ -202,11 +205,12 @@ class Dispatcher:
             self._waiters.arm()
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
-        for fetched in got:
-            self._start_task(fetched, now)
+        self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
         return 0
 
-    def _start_task(self, fetched: Fetched, now: float) -> None:
+    def _prepare(self, fetched: Fetched, now: float) -> tuple[Call, str, float | None] | None:
+        """Decode and check a fetched task, and record it as running: (its call, its name, its
+        hard time limit). A task that cannot run is parked as a dead letter instead (None)."""
         try:
             task = decode(fetched.element, max_size=self.settings.max_size)
             spec = self.registry.get(task.name)
@@ -217,18 +221,40 @@ class Dispatcher:
             logger.warning("dead letter: element from %s is not a runnable task: %s", fetched.queue, reason)
             self._pending.append(outcomes.invalid_item(fetched.slot, reason, self.store.keys, now))
             self.counters.dead += 1
-            return
+            return None
         self._running[fetched.slot] = Running(task, spec, fetched)
         logger.debug("start %s %s slot=%d attempt=%d", task.name, task.id, fetched.slot, task.attempt)
-        self._pool.submit(
-            fetched.slot, run,
-            (task.name, task.args, kwargs, task.id, task.codec,
-             bool(task.want_result or task.reply_to)),
-            on_end=self._on_end,
-            time_limit=_first(task.time_limit, spec.time_limit, self.settings.time_limit),
-            soft_time_limit=_first(task.soft_time_limit, spec.soft_time_limit,
-                                   self.settings.soft_time_limit),
-        )
+        call = Call(fetched.slot, run,
+                    (task.name, task.args, kwargs, task.id, task.codec,
+                     bool(task.want_result or task.reply_to)),
+                    None, _first(task.soft_time_limit, spec.soft_time_limit, self.settings.soft_time_limit))
+        return call, task.name, _first(task.time_limit, spec.time_limit, self.settings.time_limit)
+
+    def _submit(self, ready: list[tuple[Call, str, float | None]]) -> None:
+        """Hand the tasks to the pool in fetch (priority) order: one job each, or short ones
+        together in batches as ``self._batcher`` allows."""
+        batch: list[Call] = []
+        room = 0
+        for call, name, time_limit in ready:
+            size = 1 if time_limit is not None else self._batcher.size(name, len(ready))
+            if batch and (size < 2 or len(batch) >= min(room, size)):
+                self._submit_batch(batch)
+                batch = []
+            if size < 2:
+                self._submit_batch([call], time_limit)
+                continue
+            room = min(room, size) if batch else size
+            batch.append(call)
+        self._submit_batch(batch)
+
+    def _submit_batch(self, batch: list[Call], time_limit: float | None = None) -> None:
+        if len(batch) == 1:
+            call = batch[0]
+            self._pool.submit(call.key, call.fn, call.args, on_end=self._on_end,
+                              time_limit=time_limit, soft_time_limit=call.soft_time_limit)
+        elif batch:
+            logger.debug("batch of %d: slots %s", len(batch), [call.key for call in batch])
+            self._pool.submit_batch(batch, on_end=self._on_end)
 
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
@@ -243,6 +269,7 @@ class Dispatcher:
             if running is None:
                 logger.error("job end for unknown slot %r ignored", end.key)
                 continue
+            self._batcher.observe(running.task.name, end.duration)
             try:
                 item = self._item_for(running, end, now)
             except Exception as exc:  # never lose the task or the slot over a bug in one outcome

@@ -47,6 +47,13 @@ def unserializable():
     return object()
 
 
+@task(name="t.quick", max_retries=0)
+def quick(n: int, exit_code: int | None = None) -> int:
+    if exit_code is not None:
+        os._exit(exit_code)
+    return n
+
+
 @task(name="t.pid")
 def pid():
     return os.getpid()

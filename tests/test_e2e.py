@@ -127,6 +127,24 @@ def test_prefetch_takes_that_many_more_but_each_child_still_runs_one_at_a_time(s
     assert len({s["pid"] for s in spans}) <= 2
 
 
+def test_quick_tasks_go_in_batches_and_a_lost_child_fails_only_its_running_task(start, client, r):
+    """With --prefetch, names seen to run for microseconds are sent to a child several at a
+    time; a child that dies mid-batch loses only the task it was running."""
+    proc = start("--procs", "1", "--prefetch", "15", "--log-level", "DEBUG")
+    assert client.enqueue("t.quick", 0).result(timeout=20) == 0    # now known to be quick
+    calls = [Call("t.quick", (i,)) for i in range(16)]
+    calls[5] = Call("t.quick", (5, 3))                             # os._exit(3) in the child
+    handles = client.enqueue_many(calls)
+    with pytest.raises(TaskFailed) as lost:
+        handles[5].result(timeout=30)
+    assert lost.value.error_type == "WorkerLost" and "exit code 3" in lost.value.message
+    assert [h.result(timeout=30) for i, h in enumerate(handles) if i != 5] == [i for i in range(16) if i != 5]
+    assert "batch of 8" in proc.log
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert "16 completed, 1 failed, 0 retried, 1 dead-lettered, 0 put back" in proc.log
+
+
 def test_sigterm_lets_running_tasks_finish_and_exits_zero_with_a_summary(start, client, r):
     proc = start("--procs", "2")
     running = [client.enqueue("t.span", 1.0, str(i)) for i in range(2)]
