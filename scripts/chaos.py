@@ -62,11 +62,12 @@ def pool_children(dispatcher_pid: int) -> list[int]:
 
 
 class Dispatchers:
-    def __init__(self, url: str, workdir: Path, procs: int, prefetch: int) -> None:
+    def __init__(self, url: str, workdir: Path, procs: int, prefetch: int, log_level: str) -> None:
         self.url = url
         self.workdir = workdir
         self.procs = procs
         self.prefetch = prefetch
+        self.log_level = log_level
         self.procs_by_slot: dict[int, subprocess.Popen] = {}
         self.starts = 0
 
@@ -76,7 +77,7 @@ class Dispatchers:
         log = open(self.workdir / f"dispatcher-{slot}.log", "ab")
         self.procs_by_slot[slot] = subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "--redis-url", self.url, "--procs", str(self.procs),
-             "--prefetch", str(self.prefetch),
+             "--prefetch", str(self.prefetch), "--log-level", self.log_level,
              "--tasks", "chaos_tasks", "--heartbeat-ttl", "3", "--retry-backoff", "0.1",
              "--retry-backoff-max", "1", "--grace", "10", "--name", f"chaos-{slot}"],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir))
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         ids = enqueue(server.url, args.n, args.task_seconds)
         time.sleep(1.2)  # past one AOF fsync: the enqueued tasks are on disk before chaos starts
-        dispatchers = Dispatchers(server.url, workdir, args.procs, args.prefetch)
+        dispatchers = Dispatchers(server.url, workdir, args.procs, args.prefetch, args.log_level)
         for slot in (0, 1):
             dispatchers.start(slot)
         # the K kills and the Redis restart fire when the run reaches random points of its progress
@@ -188,6 +189,8 @@ def main() -> int:
     parser.add_argument("-k", type=int, default=10, help="children/dispatchers to kill (default 10)")
     parser.add_argument("--procs", type=int, default=2, help="workers per dispatcher (default 2)")
     parser.add_argument("--prefetch", type=int, default=0, help="--prefetch of each dispatcher (default 0)")
+    parser.add_argument("--log-level", default="INFO", help="the dispatchers' --log-level (default INFO; "
+                        "DEBUG logs every task and batch)")
     parser.add_argument("--task-seconds", type=float, default=0.02, help="most sleep per task (default 0.02)")
     parser.add_argument("--redis-down", type=float, default=2.0, help="seconds Redis stays down (default 2)")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
