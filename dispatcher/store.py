@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import msgpack
 import redis
@@ -48,9 +48,9 @@ def _load(name: str) -> str:
     return resources.files("dispatcher").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """One task taken by the fetch script: its slot, the list it came from, the raw element."""
+class Fetched(NamedTuple):
+    """One task taken by the fetch script: its slot, the list it came from, the raw element.
+    (A named tuple: one is built per task, faster than a frozen dataclass.)"""
 
     slot: int
     queue: str

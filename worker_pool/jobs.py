@@ -16,9 +16,9 @@ class Call(NamedTuple):
     soft_time_limit: float | None = None
 
 
-@dataclass(frozen=True)
-class JobEnd:
-    """How one submitted job ended; handed to its ``on_end`` exactly once."""
+class JobEnd(NamedTuple):
+    """How one submitted job ended; handed to its ``on_end`` exactly once. A named tuple, not a
+    frozen dataclass: one is built per job, and it builds in a quarter of the time."""
     key: Hashable          # the caller's key for the job, as given to submit()
     ok: bool
     value: Any             # fn's return value when ok, else None
