@@ -9,8 +9,9 @@ on its own, and a child lost mid-batch fails only the task it was running (see
 ``worker_pool.pool``).
 
 What a batch gives up is work stealing: tasks behind a slow one in its batch wait for it even if
-another child is idle. So a task joins a batch only when its name has been seen to run briefly,
-every time lately:
+another child is idle, and a task that hangs holds up the rest of its batch until it returns. So
+a task joins a batch only when its name has been seen to run briefly (under about 1 ms), every
+time lately:
 
 * ``recent`` is a decaying maximum of the name's run times: one slow run stops batching that
   name until quick runs have brought it down again, by 10% each (about 65 runs after a 1 s
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 
 BUDGET = 0.002   # seconds of (recently seen) work in one batch
-MAX_BATCH = 32
+MAX_BATCH = 16   # also keeps a batch's pickle under PIPE_BUF (4 KiB), so it is not spilled to a file
 DECAY = 0.9      # each run of a name lowers its recent maximum by this factor at most
 LOST = 1.0       # what a task whose child was lost counts as: slow, for a while
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
@@ -83,14 +84,17 @@ _PLAIN_FIELDS = frozenset({"task", "args", "kwargs", "id"})
 _TASK_DEFAULTS = {f.name: f.default for f in dataclass_fields(Task)}
 
 
-def new_task_id() -> str:
-    """128 random bits in hex, like uuid4().hex, at a fraction of the cost (once per task).
+# Task ids come from a generator of their own, seeded by the OS here and again in every forked
+# child (a random.seed() elsewhere cannot make them repeat), not from os.urandom: a system call
+# per task lets the pool's result thread take the GIL, and the dispatcher's loop waits for it.
+# Ids must be unique, not secret: whoever can read them in Redis can read the tasks too.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
 
-    From ``random`` (seeded from the OS at import and again in every forked child), not
-    ``os.urandom``: a system call per task lets the pool's result thread take the GIL, and the
-    dispatcher's loop then waits for it. Ids need to be unique, not secret: whoever can read
-    them in Redis can read the tasks and results too."""
-    return f"{random.getrandbits(128):032x}"
+
+def new_task_id() -> str:
+    """128 random bits in hex, like uuid4().hex, at a fraction of the cost (once per task)."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def encode(codec: str, value: Any) -> bytes:

@@ -5,8 +5,8 @@ round trip. Pool threads only append finished jobs to an in-memory outbox and wa
 callback can never raise into the pool or block on Redis. The loop takes a task only for a free
 slot (token); there is one slot per child, plus --prefetch slots whose tasks wait in the pool's
 queue for whichever child frees first. A child only ever takes a task when it is idle, so no
-child is ever handed a second task -- except that, with --prefetch, tasks seen to run for
-microseconds may go to the pool in small batches (``dispatcher.batching``).
+child is ever handed a second task -- except that, with --prefetch, tasks seen to run for under
+about a millisecond may go to the pool in small batches (``dispatcher.batching``).
 """
 from __future__ import annotations
 
@@ -232,7 +232,8 @@ class Dispatcher:
 
     def _submit(self, ready: list[tuple[Call, str, float | None]]) -> None:
         """Hand the tasks to the pool in fetch (priority) order: one job each, or short ones
-        together in batches as ``self._batcher`` allows."""
+        together in batches as ``self._batcher`` allows. (Children take jobs in that order; a
+        child that ends its batch early may start a later one before another child's batch ends.)"""
         batch: list[Call] = []
         room = 0
         for call, name, time_limit in ready:
@@ -248,13 +249,22 @@ class Dispatcher:
         self._submit_batch(batch)
 
     def _submit_batch(self, batch: list[Call], time_limit: float | None = None) -> None:
-        if len(batch) == 1:
-            call = batch[0]
-            self._pool.submit(call.key, call.fn, call.args, on_end=self._on_end,
-                              time_limit=time_limit, soft_time_limit=call.soft_time_limit)
-        elif batch:
-            logger.debug("batch of %d: slots %s", len(batch), [call.key for call in batch])
-            self._pool.submit_batch(batch, on_end=self._on_end)
+        try:
+            if len(batch) == 1:
+                call = batch[0]
+                self._pool.submit(call.key, call.fn, call.args, on_end=self._on_end,
+                                  time_limit=time_limit, soft_time_limit=call.soft_time_limit)
+            elif batch:
+                logger.debug("batch of %d: slots %s", len(batch), [call.key for call in batch])
+                self._pool.submit_batch(batch, on_end=self._on_end)
+        except Exception as exc:  # a bug: bad input is refused before this. Park, never strand a slot
+            logger.exception("could not hand %d task(s) to the worker pool: dead letters", len(batch))
+            now = time.time()
+            for call in batch:
+                del self._running[call.key]
+                self._pending.append(outcomes.invalid_item(
+                    call.key, f"could not be handed to the worker pool: {exc!r}", self.store.keys, now))
+                self.counters.dead += 1
 
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
@@ -280,6 +290,9 @@ class Dispatcher:
 
     def _item_for(self, running: Running, end: JobEnd, now: float) -> dict[str, Any]:
         task, slot = running.task, running.fetched.slot
+        if end.error_type == "NotStarted":  # a batch's child was lost while the pool was closing
+            self.counters.requeued += 1
+            return outcomes.requeue_item(slot)
         if end.ok:
             self.counters.completed += 1
             logger.debug("done %s %s in %.3fs", task.name, task.id, now - (end.started or now))

@@ -74,6 +74,12 @@ class Registry:
 
         Returns the function unchanged, so it stays an ordinary, picklable, testable function.
         """
+        if max_retries is not None and not max_retries >= 0:
+            raise ConfigError(f"@task max_retries must be >= 0, got {max_retries!r}")
+        for option, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+            if value is not None and not value > 0:
+                raise ConfigError(f"@task {option} must be > 0, got {value!r}")
+
         def register(func: Callable) -> Callable:
             task_name = name or f"{func.__module__}.{func.__qualname__}"
             try:

@@ -48,9 +48,11 @@ def unserializable():
 
 
 @task(name="t.quick", max_retries=0)
-def quick(n: int, exit_code: int | None = None) -> int:
+def quick(n: int, exit_code: int | None = None, seconds: float = 0.0) -> int:
+    """Usually done in microseconds; may exit its child, or hang for a while, when asked."""
     if exit_code is not None:
         os._exit(exit_code)
+    time.sleep(seconds)
     return n
 
 

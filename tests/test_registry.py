@@ -52,3 +52,13 @@ def test_one_name_for_two_functions_is_a_config_error():
 def test_import_errors_are_clear():
     with pytest.raises(ConfigError, match="cannot import task module 'no_such_module_xyz'"):
         Registry().import_modules(["no_such_module_xyz"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"soft_time_limit": 0}, "soft_time_limit must be > 0"),
+    ({"time_limit": -1.0}, "time_limit must be > 0"),
+    ({"max_retries": -1}, "max_retries must be >= 0"),
+])
+def test_task_options_are_checked_when_the_module_is_imported(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Registry().task(name="bad", **options)(lambda: None)

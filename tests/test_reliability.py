@@ -12,6 +12,7 @@ import time
 import pytest
 
 from dispatcher import Call, TaskFailed
+from dispatcher.codec import decode
 from procs import DispatcherProcess, pool_children, run_cli, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -186,3 +187,25 @@ def test_a_dispatcher_started_while_redis_is_down_waits_for_it(redis_server, red
         assert client.enqueue("t.echo", "up").result(timeout=20)["args"] == ["up"]
     finally:
         proc.close()
+
+
+def test_a_batch_lost_during_shutdown_puts_its_unstarted_tasks_back_uncounted(start, client, r):
+    """A child dies mid-batch while the dispatcher is stopping: the task it ran fails, the tasks
+    of its batch that never started go back to Redis with no attempt counted."""
+    proc = start("--procs", "1", "--prefetch", "15", "--log-level", "DEBUG")
+    assert client.enqueue("t.quick", 0).result(timeout=20) == 0     # now known to be quick
+    calls = [Call("t.quick", (i,)) for i in range(16)]
+    calls[2] = Call("t.quick", (2, None, 60))                       # hangs, this once
+    handles = client.enqueue_many(calls)
+    assert handles[1].result(timeout=20) == 1                       # so task 2 is running
+    assert "batch of 8" in proc.log
+    proc.signal(signal.SIGTERM)
+    wait_for(lambda: "stop requested" in proc.log, 10, what="the dispatcher to start stopping")
+    [child] = pool_children(proc.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    assert proc.wait(30) == 0
+    with pytest.raises(TaskFailed, match="WorkerLost"):
+        handles[2].result(timeout=5)
+    assert sorted(decode(raw, max_size=1 << 20).args[0] for raw in r.lrange("dispatcher:normal", 0, -1)) == [3, 4, 5, 6, 7]
+    assert [h.result(timeout=20) for h in handles[8:]] == list(range(8, 16))
+    assert "11 completed, 1 failed, 0 retried, 1 dead-lettered, 5 put back" in proc.log

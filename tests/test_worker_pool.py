@@ -249,7 +249,7 @@ def test_a_child_lost_mid_batch_fails_only_its_running_call(make_pool, how):
 
 
 @pytest.mark.timeout(30)
-def test_a_closed_pool_fails_the_unstarted_calls_of_a_lost_batch(make_pool):
+def test_a_closed_pool_ends_the_unstarted_calls_of_a_lost_batch_as_not_started(make_pool):
     pool = make_pool(1)
     ends = Ends()
     pool.submit_batch([Call("victim", pool_jobs.sleep, (30,)), Call("next", pool_jobs.noop)],
@@ -259,7 +259,7 @@ def test_a_closed_pool_fails_the_unstarted_calls_of_a_lost_batch(make_pool):
     os.kill(pid, signal.SIGKILL)
     found = by_key(ends.wait(2))
     assert found["victim"].error_type == "WorkerLost"
-    assert found["next"].error_type == "WorkerLost" and "not started" in found["next"].error_message
+    assert found["next"].error_type == "NotStarted" and "not started" in found["next"].error_message
     assert found["next"].started is None or found["next"].started <= time.time()
     assert pool.join(10)
 

@@ -4,7 +4,7 @@ Generic: it knows nothing about Redis or the dispatcher. See ``worker_pool.pool`
 mechanism and its known windows.
 """
 from worker_pool.child import SoftTimeLimitExceeded
-from worker_pool.jobs import Call, JobEnd, TimeLimitExceeded, WorkerLost
+from worker_pool.jobs import Call, JobEnd, NotStarted, TimeLimitExceeded, WorkerLost
 from worker_pool.pool import WorkerPool
 
-__all__ = ["Call", "JobEnd", "SoftTimeLimitExceeded", "TimeLimitExceeded", "WorkerLost", "WorkerPool"]
+__all__ = ["Call", "JobEnd", "NotStarted", "SoftTimeLimitExceeded", "TimeLimitExceeded", "WorkerLost", "WorkerPool"]

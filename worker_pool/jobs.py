@@ -25,13 +25,20 @@ class JobEnd(NamedTuple):
     error_type: str        # "" if ok; the remote exception's class, WorkerLost, TimeLimitExceeded
     error_message: str
     traceback: str         # remote traceback text ("" when ok or when there is none)
-    started: float | None  # time.time() when the job's function started; None if it never did
+    started: float | None  # time.time() when the function started (for a call lost or not
+    #                        started in a batch: when the call before it ended); None if the
+    #                        job never reached a child
     ended: float           # time.time() when the end was noticed
-    duration: float | None = None  # seconds the function ran, by the child's clock (if it returned)
+    duration: float | None = None  # seconds the function ran, by the child's clock; None if
+    #                                it never ran, its child was lost, or its result was unsendable
 
 
 class WorkerLost(Exception):
     """The child running the job died before sending a result."""
+
+
+class NotStarted(Exception):
+    """The call never started: its batch's child was lost before reaching it, after close()."""
 
 
 class TimeLimitExceeded(Exception):
@@ -49,7 +56,7 @@ class Job:
     seq: int = -1                    # Pool's job id, also the id in the child's start report
     result: multiprocessing.pool.ApplyResult | None = None
     pid: int | None = None
-    started: float | None = None     # when the child took the job (its first call's start)
+    started: float | None = None     # when the child took the job, then when its latest call ended
     deadline: float | None = None    # time.monotonic() at which the hard limit fires
     term_sent: float | None = None   # time.monotonic() of the SIGTERM
     kill_sent: bool = False

@@ -54,7 +54,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from worker_pool import child
-from worker_pool.jobs import Call, Job, JobEnd, TimeLimitExceeded, WorkerLost
+from worker_pool.jobs import Call, Job, JobEnd, NotStarted, TimeLimitExceeded, WorkerLost
 from worker_pool.mp import Barrier, ProcessPool, describe_exit, send_signal
 from worker_pool.queues import NO_JOB, REPORT
 
@@ -138,7 +138,7 @@ class WorkerPool:
         For short calls: one task message and one start report for the lot, rather than one per
         call. The price: calls behind a slow one wait for it even if another child is free. If
         the child dies, only the call it was running ends (``WorkerLost``); the calls it had not
-        started are queued again (or, once the pool is closed, end with ``WorkerLost`` too).
+        started are queued again (or, once the pool is closed, end with ``NotStarted``).
         Batches take no hard time limit.
         """
         if calls:
@@ -301,10 +301,13 @@ class WorkerPool:
             running = job.ended
             unstarted = job.calls[running + 1:]
             if unstarted and not self._closed:
-                del job.calls[running + 1:]
-                self._keys.difference_update(call.key for call in unstarted)
-                self._start_locked(Job(unstarted, job.on_end, None))
-                unstarted = []
+                try:  # their keys stay in self._keys, now for the new job
+                    self._start_locked(Job(unstarted, job.on_end, None))
+                except Exception:  # noqa: BLE001 -- they still end, as NotStarted, below
+                    logger.exception("could not queue the unstarted calls of a lost batch again")
+                else:
+                    del job.calls[running + 1:]
+                    unstarted = []
         if job.term_sent is not None:
             limit = job.time_limit
             error: Exception = TimeLimitExceeded(f"time limit of {limit:g} s exceeded: {how}")
@@ -313,9 +316,9 @@ class WorkerPool:
         logger.warning("job %r: %s", job.calls[running].key, error)
         job.result.drop()  # type: ignore[attr-defined]
         self._on_error(job, running, error)
-        for i in range(running + 1, running + 1 + len(unstarted)):  # only once the pool is closed
-            self._on_error(job, i, WorkerLost(f"not started: the child running its batch was lost "
-                                              f"({how}) and the pool is closed"))
+        for i in range(running + 1, running + 1 + len(unstarted)):  # the pool is closed
+            self._on_error(job, i, NotStarted(f"not started: the child running its batch was lost "
+                                              f"({how})"))
 
     def _fail_later(self, seq: int, pid: int | None, how: str) -> None:
         key = ("worker_pool.barrier", next(self._barrier_ids))
@@ -391,12 +394,13 @@ class WorkerPool:
 
     def _audit(self) -> None:
         """After a death: did the dead child take a job without reporting it?"""
-        with self._pool._inqueue.frozen(timeout=0.05) as frozen:
+        # The one lock order: self._lock, then the task queue's put lock (submissions take the
+        # two in that order), then its read lock.
+        with self._lock, self._pool._inqueue.frozen(timeout=0.05) as frozen:
             if not frozen:
                 return  # try again on the next round
-            with self._lock:
-                self._read_reports()
-                self._unreported.extend(self._pool._inqueue.unreported_takes())
+            self._read_reports()
+            self._unreported.extend(self._pool._inqueue.unreported_takes())
         self._audit_due = False
 
     def _fail_unreported(self) -> None:
