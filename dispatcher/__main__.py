@@ -105,6 +105,10 @@ def _run_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                         "child frees first; raises throughput of sub-millisecond tasks, but up to "
                         "this many tasks may start ahead of a newly pushed higher-priority one "
                         "(default 0: a task is taken only for an idle child)")
+    p.add_argument("--batch-budget", type=float, default=default("batch_budget"),
+                   help="with --prefetch, tasks whose recent runs were all quick go to a child "
+                        "several at a time, up to this many seconds of such work per batch; 0: "
+                        "never (default 0.002)")
     p.add_argument("--start-method", default=default("start_method"),
                    choices=["forkserver", "spawn", "fork"], help="multiprocessing start method")
 
@@ -126,7 +130,7 @@ def settings_from(args: argparse.Namespace, redis_url: str) -> Settings:
         heartbeat_ttl=args.heartbeat_ttl, time_limit=args.time_limit,
         soft_time_limit=args.soft_time_limit, kill_grace=args.kill_grace, max_retries=args.max_retries,
         retry_backoff=args.retry_backoff, retry_backoff_max=args.retry_backoff_max, batch=args.batch,
-        prefetch=args.prefetch, start_method=args.start_method, state_dir=args.state_dir,
+        prefetch=args.prefetch, batch_budget=args.batch_budget, start_method=args.start_method, state_dir=args.state_dir,
     )
 
 

@@ -10,14 +10,15 @@ on its own, and a child lost mid-batch fails only the task it was running (see
 
 What a batch gives up is work stealing: tasks behind a slow one in its batch wait for it even if
 another child is idle, and a task that hangs holds up the rest of its batch until it returns. So
-a task joins a batch only when its name has been seen to run briefly (under about 1 ms), every
-time lately:
+a task joins a batch only when its name has been seen to run briefly (under half the budget),
+every time lately:
 
 * ``recent`` is a decaying maximum of the name's run times: one slow run stops batching that
   name until quick runs have brought it down again, by 10% each (about 65 runs after a 1 s
   outlier). A name never seen, and a task whose child was lost, count as slow;
-* a batch holds at most BUDGET seconds of such work, MAX_BATCH tasks, and a share of the fetch
-  that leaves every child about two batches;
+* a batch holds at most ``budget`` seconds of such work (``--batch-budget``, 2 ms by default; 0
+  turns batching off), MAX_BATCH tasks, and a share of the fetch that leaves every child about
+  two batches;
 * tasks with a hard time limit never join one: the limit is enforced by killing the child.
 
 At ``--prefetch 0`` a fetch never brings more than the idle children can start, so nothing is
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import math
 
-BUDGET = 0.002   # seconds of (recently seen) work in one batch
 MAX_BATCH = 16   # also keeps a batch's pickle under PIPE_BUF (4 KiB), so it is not spilled to a file
 DECAY = 0.9      # each run of a name lowers its recent maximum by this factor at most
 LOST = 1.0       # what a task whose child was lost counts as: slow, for a while
@@ -36,8 +36,9 @@ LOST = 1.0       # what a task whose child was lost counts as: slow, for a while
 class Batcher:
     """Per task name, how long its runs took lately; from that, how big a batch may be."""
 
-    def __init__(self, procs: int) -> None:
+    def __init__(self, procs: int, budget: float) -> None:
         self._procs = procs
+        self._budget = budget
         self._recent: dict[str, float] = {}
 
     def observe(self, name: str, seconds: float | None) -> None:
@@ -51,4 +52,4 @@ class Batcher:
         if recent is None or fetched <= self._procs:
             return 1
         share = math.ceil(fetched / (2 * self._procs))
-        return max(1, min(MAX_BATCH, share, int(BUDGET / max(recent, 1e-6))))
+        return max(1, min(MAX_BATCH, share, int(self._budget / max(recent, 1e-6))))

@@ -85,7 +85,7 @@ class Dispatcher:
         self._outage = _Outage()
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
-        self._batcher = Batcher(settings.procs)
+        self._batcher = Batcher(settings.procs, settings.batch_budget)
         self._waiters = Waiters(client, [*store.keys.queues, store.keys.wake], self._wakeup)
         self._heartbeat: Heartbeat | None = None
 

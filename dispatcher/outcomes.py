@@ -42,9 +42,11 @@ def _reply_targets(task: Task, keys: Keys) -> tuple[str, str]:
 
 
 def ack_item(slot: int, task: Task, reply: bytes | None, keys: Keys, policy: Policy) -> dict[str, Any]:
+    if not reply:  # nobody asked for the outcome: the slot alone says "done" (finish.lua)
+        return {"slot": slot}
     result_key, reply_to = _reply_targets(task, keys)
-    return {"slot": slot, "action": "ack", "result_key": result_key if reply else "",
-            "reply_to": reply_to if reply else "", "reply": reply or b"", "ttl": policy.result_ttl}
+    return {"slot": slot, "action": "ack", "result_key": result_key, "reply_to": reply_to,
+            "reply": reply, "ttl": policy.result_ttl}
 
 
 def failure_item(slot: int, task: Task, source: str, error: tuple[str, str, str], max_retries: int,

@@ -35,6 +35,7 @@ class Settings:
     retry_backoff_max: float = 300.0
     batch: int = 64
     prefetch: int = 0
+    batch_budget: float = 0.002
     start_method: str = "forkserver"
     state_dir: Path = Path(".")
 
@@ -54,6 +55,7 @@ class Settings:
             (self.retry_backoff >= 0 and self.retry_backoff_max >= 0, "retry backoff must be >= 0"),
             (self.batch >= 1, "--batch must be >= 1"),
             (self.prefetch >= 0, "--prefetch must be >= 0"),
+            (self.batch_budget >= 0, "--batch-budget must be >= 0"),
             (self.start_method in ("forkserver", "spawn", "fork"),
              "--start-method must be forkserver, spawn or fork"),
         ]

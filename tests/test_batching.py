@@ -6,31 +6,33 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.batching import BUDGET, MAX_BATCH, Batcher
+from dispatcher.batching import MAX_BATCH, Batcher
+
+BUDGET = 0.002
 
 
 def test_a_name_never_seen_runs_alone():
-    assert Batcher(2).size("new", 64) == 1
+    assert Batcher(2, BUDGET).size("new", 64) == 1
 
 
 def test_quick_names_fill_a_share_of_the_fetch_that_leaves_each_child_two_batches():
-    batcher = Batcher(2)
+    batcher = Batcher(2, BUDGET)
     batcher.observe("quick", 20e-6)
     assert batcher.size("quick", 64) == 16
     assert batcher.size("quick", 9) == 3
     assert batcher.size("quick", 2) == 1          # no more than the idle children: --prefetch 0
     batcher.observe("quicker", 1e-7)
-    assert Batcher(1).size("x", 1000) == 1 and batcher.size("quicker", 10_000) == MAX_BATCH
+    assert Batcher(1, BUDGET).size("x", 1000) == 1 and batcher.size("quicker", 10_000) == MAX_BATCH
 
 
 def test_a_batch_holds_at_most_the_budget_of_recent_work():
-    batcher = Batcher(1)
+    batcher = Batcher(1, BUDGET)
     batcher.observe("half-ms", 0.0005)
     assert batcher.size("half-ms", 64) == int(BUDGET / 0.0005)
 
 
 def test_one_slow_run_stops_batching_until_quick_runs_bring_it_down():
-    batcher = Batcher(2)
+    batcher = Batcher(2, BUDGET)
     batcher.observe("t", 10e-6)
     batcher.observe("t", 0.05)
     assert batcher.size("t", 64) == 1
@@ -41,8 +43,14 @@ def test_one_slow_run_stops_batching_until_quick_runs_bring_it_down():
     assert runs == math.ceil(math.log(0.05 / (BUDGET / 2)) / math.log(1 / 0.9))
 
 
+def test_a_budget_of_zero_batches_nothing():
+    batcher = Batcher(2, 0.0)
+    batcher.observe("t", 1e-9)
+    assert batcher.size("t", 64) == 1
+
+
 def test_a_lost_child_counts_as_slow():
-    batcher = Batcher(2)
+    batcher = Batcher(2, BUDGET)
     batcher.observe("t", 10e-6)
     batcher.observe("t", None)
     assert batcher.size("t", 64) == 1
@@ -51,7 +59,7 @@ def test_a_lost_child_counts_as_slow():
 @given(procs=st.integers(1, 64), fetched=st.integers(0, 10_000),
        runs=st.lists(st.one_of(st.none(), st.floats(0, 100)), max_size=50))
 def test_size_is_between_one_and_a_share_of_the_fetch(procs, fetched, runs):
-    batcher = Batcher(procs)
+    batcher = Batcher(procs, BUDGET)
     for seconds in runs:
         batcher.observe("t", seconds)
     size = batcher.size("t", fetched)

@@ -130,7 +130,9 @@ def test_prefetch_takes_that_many_more_but_each_child_still_runs_one_at_a_time(s
 def test_quick_tasks_go_in_batches_and_a_lost_child_fails_only_its_running_task(start, client, r):
     """With --prefetch, names seen to run for microseconds are sent to a child several at a
     time; a child that dies mid-batch loses only the task it was running."""
-    proc = start("--procs", "1", "--prefetch", "15", "--log-level", "DEBUG")
+    # A budget of 10 s: the warm-up run counts as quick even on a machine busy enough to make
+    # it take milliseconds, so the 16 tasks are batched for sure.
+    proc = start("--procs", "1", "--prefetch", "15", "--batch-budget", "10", "--log-level", "DEBUG")
     assert client.enqueue("t.quick", 0).result(timeout=20) == 0    # now known to be quick
     calls = [Call("t.quick", (i,)) for i in range(16)]
     calls[5] = Call("t.quick", (5, 3))                             # os._exit(3) in the child

@@ -192,7 +192,9 @@ def test_a_dispatcher_started_while_redis_is_down_waits_for_it(redis_server, red
 def test_a_batch_lost_during_shutdown_puts_its_unstarted_tasks_back_uncounted(start, client, r):
     """A child dies mid-batch while the dispatcher is stopping: the task it ran fails, the tasks
     of its batch that never started go back to Redis with no attempt counted."""
-    proc = start("--procs", "1", "--prefetch", "15", "--log-level", "DEBUG")
+    # A budget of 10 s: the warm-up run counts as quick even on a machine busy enough to make
+    # it take milliseconds, so the 16 tasks are batched for sure.
+    proc = start("--procs", "1", "--prefetch", "15", "--batch-budget", "10", "--log-level", "DEBUG")
     assert client.enqueue("t.quick", 0).result(timeout=20) == 0     # now known to be quick
     calls = [Call("t.quick", (i,)) for i in range(16)]
     calls[2] = Call("t.quick", (2, None, 60))                       # hangs, this once

@@ -9,6 +9,8 @@ KEYS[1]   in-flight hash of this dispatcher
 KEYS[2]   tokens list of this dispatcher
 KEYS[3]   the wake list: a retry pushes it so idle dispatchers learn of the new due time
 ARGV[1]   msgpack array of maps, each with "slot" and "action":
+  (none)                                          task done, nobody asked for its outcome: the
+                                                  common case, so its map holds the slot alone
   ack      result_key, reply_to, reply, ttl      task done; reply is written where asked
   retry    schedule_key, due (ms), payload        task failed and will run again at due
   dead     dead_list, dead_key, fields (map), payload (optional; default the in-flight
@@ -56,11 +58,13 @@ for _, item in ipairs(items) do
     done_fields[#done_fields + 1] = slot .. ':q'
     done_slots[#done_slots + 1] = slot
     local source = nil
-    if item.action ~= 'ack' or item.result_key ~= '' or item.reply_to ~= '' then
+    if item.action and (item.action ~= 'ack' or item.result_key ~= '' or item.reply_to ~= '') then
       source = redis.call('HGET', KEYS[1], slot .. ':q')
       release()
     end
-    if item.action == 'ack' then
+    if not item.action then
+      -- plain ack: the lease and the token are all there is to it
+    elseif item.action == 'ack' then
       reply(item)
     elseif item.action == 'retry' then
       redis.call('ZADD', item.schedule_key, item.due, item.payload)
