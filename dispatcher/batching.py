@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-MAX_BATCH = 16   # also keeps a batch's pickle under PIPE_BUF (4 KiB), so it is not spilled to a file
+MAX_BATCH = 16   # also keeps most batches' pickles under PIPE_BUF (4 KiB): not spilled to a file
 DECAY = 0.9      # each run of a name lowers its recent maximum by this factor at most
 LOST = 1.0       # what a task whose child was lost counts as: slow, for a while
 

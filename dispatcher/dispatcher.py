@@ -6,7 +6,8 @@ callback can never raise into the pool or block on Redis. The loop takes a task 
 slot (token); there is one slot per child, plus --prefetch slots whose tasks wait in the pool's
 queue for whichever child frees first. A child only ever takes a task when it is idle, so no
 child is ever handed a second task -- except that, with --prefetch, tasks seen to run for under
-about a millisecond may go to the pool in small batches (``dispatcher.batching``).
+half of --batch-budget (1 ms by default) may go to the pool in small batches
+(``dispatcher.batching``).
 """
 from __future__ import annotations
 
@@ -261,7 +262,7 @@ class Dispatcher:
             logger.exception("could not hand %d task(s) to the worker pool: dead letters", len(batch))
             now = time.time()
             for call in batch:
-                del self._running[call.key]
+                self._running.pop(call.key, None)
                 self._pending.append(outcomes.invalid_item(
                     call.key, f"could not be handed to the worker pool: {exc!r}", self.store.keys, now))
                 self.counters.dead += 1
@@ -272,6 +273,7 @@ class Dispatcher:
         self._wakeup.set()
 
     def _collect(self) -> None:
+        put_back: list[dict[str, Any]] = []
         while self._outbox:
             end = self._outbox.popleft()
             now = time.time()
@@ -279,18 +281,20 @@ class Dispatcher:
             if running is None:
                 logger.error("job end for unknown slot %r ignored", end.key)
                 continue
-            self._batcher.observe(running.task.name, end.duration)
+            if end.error_type != "NotStarted":  # it never ran: nothing to learn of its name
+                self._batcher.observe(running.task.name, end.duration)
             try:
                 item = self._item_for(running, end, now)
             except Exception as exc:  # never lose the task or the slot over a bug in one outcome
                 logger.exception("could not record the outcome of %s %s", running.task.name, running.task.id)
                 item = outcomes.invalid_item(running.fetched.slot, f"outcome could not be recorded: {exc!r}",
                                              self.store.keys, now)
-            self._pending.append(item)
+            (put_back if item.get("action") == "requeue" else self._pending).append(item)
+        self._pending.extend(reversed(put_back))  # newest first, as in shutdown()
 
     def _item_for(self, running: Running, end: JobEnd, now: float) -> dict[str, Any]:
         task, slot = running.task, running.fetched.slot
-        if end.error_type == "NotStarted":  # a batch's child was lost while the pool was closing
+        if end.error_type == "NotStarted":  # a batch's child was lost, the pool closing
             self.counters.requeued += 1
             return outcomes.requeue_item(slot)
         if end.ok:
@@ -357,7 +361,9 @@ class Dispatcher:
             self.step(fetch=False)
         self._pool.terminate()
         self._collect()
-        for slot in list(self._running):
+        # Newest first: each goes back to the consuming end of its list, so the oldest lands last
+        # and is taken first again.
+        for slot in reversed(list(self._running)):
             self._pending.append(outcomes.requeue_item(slot))
             self.counters.requeued += 1
             del self._running[slot]

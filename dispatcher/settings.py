@@ -55,7 +55,7 @@ class Settings:
             (self.retry_backoff >= 0 and self.retry_backoff_max >= 0, "retry backoff must be >= 0"),
             (self.batch >= 1, "--batch must be >= 1"),
             (self.prefetch >= 0, "--prefetch must be >= 0"),
-            (self.batch_budget >= 0, "--batch-budget must be >= 0"),
+            (0 <= self.batch_budget <= 60, "--batch-budget must be between 0 and 60 seconds"),
             (self.start_method in ("forkserver", "spawn", "fork"),
              "--start-method must be forkserver, spawn or fork"),
         ]

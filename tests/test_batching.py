@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher.batching import MAX_BATCH, Batcher
+from dispatcher.errors import ConfigError
+from dispatcher.settings import Settings
 
 BUDGET = 0.002
 
@@ -65,3 +68,9 @@ def test_size_is_between_one_and_a_share_of_the_fetch(procs, fetched, runs):
     size = batcher.size("t", fetched)
     assert 1 <= size <= MAX_BATCH
     assert size == 1 or (fetched > procs and size <= math.ceil(fetched / (2 * procs)))
+
+
+@pytest.mark.parametrize("budget", [-0.001, 61.0, math.inf, math.nan])
+def test_the_budget_is_checked_with_the_settings(budget):
+    with pytest.raises(ConfigError, match="--batch-budget"):
+        Settings(batch_budget=budget)

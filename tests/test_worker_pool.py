@@ -602,6 +602,19 @@ def test_the_audit_finds_a_job_taken_without_a_report(task_queue):
     assert task_queue.taken(23) == []
 
 
+@pytest.mark.timeout(10)
+def test_the_audit_does_not_wait_for_a_writer_blocked_on_a_full_pipe(task_queue):
+    """The watchdog audits while holding the pool's lock; waiting there for the task handler,
+    which keeps the put lock while a full pipe blocks its write, would stall every job end."""
+    with task_queue._put_lock:                # the writer, as if blocked mid-write
+        started = time.monotonic()
+        with task_queue.frozen(timeout=1) as frozen:
+            assert not frozen
+        assert time.monotonic() - started < 0.5
+    with task_queue.frozen(timeout=1) as frozen:
+        assert frozen
+
+
 # -- the result pipe's framing, in one process ---------------------------------------------------
 
 def frames(pid: int, payload: bytes) -> list[bytes]:

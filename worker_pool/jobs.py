@@ -38,7 +38,8 @@ class WorkerLost(Exception):
 
 
 class NotStarted(Exception):
-    """The call never started: its batch's child was lost before reaching it, after close()."""
+    """The call never started: its batch's child was lost before reaching it, and it could not
+    be queued again (the pool was closed)."""
 
 
 class TimeLimitExceeded(Exception):

@@ -138,7 +138,8 @@ class WorkerPool:
         For short calls: one task message and one start report for the lot, rather than one per
         call. The price: calls behind a slow one wait for it even if another child is free. If
         the child dies, only the call it was running ends (``WorkerLost``); the calls it had not
-        started are queued again (or, once the pool is closed, end with ``NotStarted``).
+        started are queued again (once the pool is closed, or if that fails, they end with
+        ``NotStarted``).
         Batches take no hard time limit.
         """
         if calls:
@@ -316,7 +317,7 @@ class WorkerPool:
         logger.warning("job %r: %s", job.calls[running].key, error)
         job.result.drop()  # type: ignore[attr-defined]
         self._on_error(job, running, error)
-        for i in range(running + 1, running + 1 + len(unstarted)):  # the pool is closed
+        for i in range(running + 1, running + 1 + len(unstarted)):  # closed, or resubmit failed
             self._on_error(job, i, NotStarted(f"not started: the child running its batch was lost "
                                               f"({how})"))
 
@@ -394,8 +395,8 @@ class WorkerPool:
 
     def _audit(self) -> None:
         """After a death: did the dead child take a job without reporting it?"""
-        # The one lock order: self._lock, then the task queue's put lock (submissions take the
-        # two in that order), then its read lock.
+        # The one lock order: self._lock, then ProcessPool's _direct_lock (submissions only),
+        # then the task queue's put lock, then its read lock.
         with self._lock, self._pool._inqueue.frozen(timeout=0.05) as frozen:
             if not frozen:
                 return  # try again on the next round

@@ -267,8 +267,10 @@ class TaskQueue(SimpleQueue):
     @contextlib.contextmanager
     def frozen(self, timeout: float) -> Iterator[bool]:
         """Hold off the writer and the readers, for ``unreported_takes``; yields False if that
-        was not possible within ``timeout`` (try again later)."""
-        if not self._put_lock.acquire(timeout=timeout):
+        was not possible (try again later). The writer is not waited for: the task handler
+        holds the put lock while it blocks on a full pipe, and the caller may hold the pool's
+        lock meanwhile. Readers hold their lock briefly and are waited for up to ``timeout``."""
+        if not self._put_lock.acquire(blocking=False):
             yield False
             return
         try:
