@@ -250,6 +250,7 @@ class Dispatcher:
         self._submit_batch(batch)
 
     def _submit_batch(self, batch: list[Call], time_limit: float | None = None) -> None:
+        """A batch of one goes as a plain job: the only kind a hard time limit can apply to."""
         try:
             if len(batch) == 1:
                 call = batch[0]
