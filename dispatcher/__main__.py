@@ -130,7 +130,8 @@ def settings_from(args: argparse.Namespace, redis_url: str) -> Settings:
         heartbeat_ttl=args.heartbeat_ttl, time_limit=args.time_limit,
         soft_time_limit=args.soft_time_limit, kill_grace=args.kill_grace, max_retries=args.max_retries,
         retry_backoff=args.retry_backoff, retry_backoff_max=args.retry_backoff_max, batch=args.batch,
-        prefetch=args.prefetch, batch_budget=args.batch_budget, start_method=args.start_method, state_dir=args.state_dir,
+        prefetch=args.prefetch, batch_budget=args.batch_budget, start_method=args.start_method,
+        state_dir=args.state_dir,
     )
 
 

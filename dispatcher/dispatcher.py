@@ -32,7 +32,7 @@ from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
 from dispatcher.waiters import Waiters, Wakeup
-from worker_pool import Call, JobEnd, WorkerPool
+from worker_pool import Call, JobEnd, NotStarted, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -282,22 +282,22 @@ class Dispatcher:
             if running is None:
                 logger.error("job end for unknown slot %r ignored", end.key)
                 continue
-            if end.error_type != "NotStarted":  # it never ran: nothing to learn of its name
-                self._batcher.observe(running.task.name, end.duration)
+            if end.error_type == NotStarted.__name__:  # its batch's child was lost, the pool closing:
+                self.counters.requeued += 1            # it never ran, so back to Redis, uncounted
+                put_back.append(outcomes.requeue_item(end.key))
+                continue
+            self._batcher.observe(running.task.name, end.duration)
             try:
                 item = self._item_for(running, end, now)
             except Exception as exc:  # never lose the task or the slot over a bug in one outcome
                 logger.exception("could not record the outcome of %s %s", running.task.name, running.task.id)
                 item = outcomes.invalid_item(running.fetched.slot, f"outcome could not be recorded: {exc!r}",
                                              self.store.keys, now)
-            (put_back if item.get("action") == "requeue" else self._pending).append(item)
+            self._pending.append(item)
         self._pending.extend(reversed(put_back))  # newest first, as in shutdown()
 
     def _item_for(self, running: Running, end: JobEnd, now: float) -> dict[str, Any]:
         task, slot = running.task, running.fetched.slot
-        if end.error_type == "NotStarted":  # a batch's child was lost, the pool closing
-            self.counters.requeued += 1
-            return outcomes.requeue_item(slot)
         if end.ok:
             self.counters.completed += 1
             logger.debug("done %s %s in %.3fs", task.name, task.id, now - (end.started or now))

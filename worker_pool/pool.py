@@ -68,6 +68,11 @@ REPORT_BATCH = 0.005
 UNREPORTED = "a child died after taking the job, before reporting its start"
 
 
+def _check_limit(seconds: float | None) -> None:
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"time limits must be positive, got {seconds!r}")
+
+
 class WorkerPool:
     """A process pool in which every submitted job ends exactly once, whatever its child does.
 
@@ -127,8 +132,7 @@ class WorkerPool:
 
         Raises ValueError if the pool is closed or a job with the same key has not ended yet.
         """
-        if time_limit is not None and not time_limit > 0:
-            raise ValueError(f"time limits must be positive, got {time_limit!r}")
+        _check_limit(time_limit)
         self._start(Job([Call(key, fn, args, kwargs, soft_time_limit)], on_end, time_limit))
 
     def submit_batch(self, calls: Sequence[Call], *, on_end: Callable[[JobEnd], None]) -> None:
@@ -147,8 +151,7 @@ class WorkerPool:
 
     def _start(self, job: Job) -> None:
         for call in job.calls:
-            if call.soft_time_limit is not None and not call.soft_time_limit > 0:
-                raise ValueError(f"time limits must be positive, got {call.soft_time_limit!r}")
+            _check_limit(call.soft_time_limit)
         with self._lock:
             if self._closed:
                 raise ValueError("pool is closed")
