@@ -207,7 +207,10 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
-        return 0
+        # Go again at once only for a slot still free (a short fetch, a dead letter's slot): a
+        # full house would only come back here to find nothing to do. A job that ends meanwhile
+        # wakes the loop anyway.
+        return 0 if len(self._running) < self.settings.slots else IDLE_WAIT
 
     def _prepare(self, fetched: Fetched, now: float) -> tuple[Call, str, float | None] | None:
         """Decode and check a fetched task, and record it as running: (its call, its name, its
