@@ -56,9 +56,10 @@ class Wakeup:
                 pass  # full (the loop will wake anyway) or closed (the loop has ended)
 
     def clear(self) -> None:
+        # One read empties the pipe (it holds a byte, or a few if setters raced), once per turn
+        # of the loop; a byte left over would only cost a spare turn.
         try:
-            while os.read(self._read, 512):
-                pass
+            os.read(self._read, 512)
         except (BlockingIOError, OSError):
             pass
         self._pending = False
