@@ -61,12 +61,18 @@ from worker_pool.queues import NO_JOB, REPORT
 logger = logging.getLogger(__name__)
 
 REAP_WAIT = 0.5  # seconds a death waits for Pool's worker handler to reap the child (exit status)
-# After a start report arrives the watchdog pauses this long before reading it, so that it wakes
-# at most 40 times a second however many jobs start: at 100 jobs a second a wake per job was a
-# quarter of the parent's CPU after its loop. Deaths wake it at once (their sentinels); a hard
-# time limit's deadline counts from the child's own start stamp, so only limits shorter than this
-# are enforced late. The report pipe holds ~3,000 reports: 25 ms of the fastest drain is ~1,000.
-REPORT_BATCH = 0.025
+# When a start report arrives the watchdog pauses before reading, so that reports pile up and it
+# does not wake once per job: at 100 jobs a second that halved its CPU. REPORT_PAUSE normally;
+# SHORT_REPORT_PAUSE once a read finds BUSY_REPORTS or more, because every unread report keeps an
+# entry in the task queue's ledger, and past the pipe's 256 slots ``TaskQueue.has_room`` sends
+# every submission through Pool's task handler thread. What a pause delays:
+# * a death that happens during it is seen when it ends (deaths seen before it are not delayed,
+#   and every death then waits up to REAP_WAIT for Pool's reaper anyway);
+# * a hard time limit counts from the child's own start stamp, so only limits shorter than the
+#   pause are enforced late; a pause never runs past the next time-limit event.
+REPORT_PAUSE = 0.025
+SHORT_REPORT_PAUSE = 0.005
+BUSY_REPORTS = 16
 UNREPORTED = "a child died after taking the job, before reporting its start"
 
 
@@ -104,7 +110,8 @@ class WorkerPool:
         self._deaths: list[tuple[BaseProcess, int | None, float]] = []  # (child, job id, noticed)
         self._audit_due = False
         self._unreported: list[int] = []
-        self._next_limit = watch_interval
+        self._limit_due = time.monotonic() + watch_interval  # next time-limit event (monotonic)
+        self._report_pause = REPORT_PAUSE
         self._barrier_ids = itertools.count()
         self._report_in, self._report_out = Pipe(duplex=False)
         self._report_buf = b""
@@ -343,15 +350,14 @@ class WorkerPool:
     def _watch_once(self) -> None:
         self._track_new_children()
         busy = self._deaths or self._audit_due
-        limit_due = time.monotonic() + self._next_limit
-        events = self._selector.select(max(0.0, 0.01 if busy else self._next_limit))
+        events = self._selector.select(0.01 if busy else max(0.0, self._limit_due - time.monotonic()))
         dead = [key.data for key, _ in events if key.data is not None]
-        if events and not dead:  # only start reports: let them pile up (see REPORT_BATCH)
-            self._stop.wait(max(0.0, min(REPORT_BATCH, limit_due - time.monotonic())))
+        if events and not dead:  # only start reports: let them pile up (see REPORT_PAUSE)
+            self._stop.wait(max(0.0, min(self._report_pause, self._limit_due - time.monotonic())))
         for proc in dead:
             self._selector.unregister(proc.sentinel)
         with self._lock:
-            self._read_reports()  # first: a dead child's last report is already in the pipe
+            read = self._read_reports()  # first: a dead child's last report is already in the pipe
             now = time.monotonic()
             self._deaths.extend((proc, self._by_pid.pop(proc.pid, None), now) for proc in dead)
         self._audit_due = self._audit_due or bool(dead)
@@ -359,7 +365,10 @@ class WorkerPool:
             self._audit()
         self._settle_deaths(now)
         self._fail_unreported()
-        self._next_limit = self._enforce_time_limits(time.monotonic())
+        if read:
+            self._report_pause = SHORT_REPORT_PAUSE if read >= BUSY_REPORTS else REPORT_PAUSE
+        now = time.monotonic()
+        self._limit_due = now + self._enforce_time_limits(now)
 
     def _track_new_children(self) -> None:
         for _ in range(len(self._new_children)):
@@ -371,17 +380,19 @@ class WorkerPool:
                 continue
             self._selector.register(sentinel, selectors.EVENT_READ, proc)
 
-    def _read_reports(self) -> None:
-        """Apply every start report in the pipe. Caller holds ``self._lock``."""
+    def _read_reports(self) -> int:
+        """Apply every start report in the pipe; returns how many. Caller holds ``self._lock``."""
         chunk_size = REPORT.size * 512
+        count = 0
         while True:
             try:
                 chunk = os.read(self._report_in.fileno(), chunk_size)
             except BlockingIOError:
-                return
+                return count
             data = self._report_buf + chunk
             usable = len(data) - len(data) % REPORT.size
             self._report_buf = data[usable:]
+            count += usable // REPORT.size
             now, wall = time.monotonic(), time.time()
             for seq, pid, started in REPORT.iter_unpack(data[:usable]):
                 if seq == NO_JOB:
@@ -397,7 +408,7 @@ class WorkerPool:
                     job.deadline = now + job.time_limit - max(0.0, wall - started)
                 self._by_pid[pid] = seq
             if len(chunk) < chunk_size:
-                return
+                return count
 
     def _audit(self) -> None:
         """After a death: did the dead child take a job without reporting it?"""
