@@ -29,9 +29,10 @@ LATE = 5.0
 class Wakeup:
     """A self-pipe: ``set()`` from any thread (or a signal handler) wakes the loop's select.
 
-    At most one byte is in flight: ``set()`` writes only when no wake-up is pending, and
-    ``clear()`` drains the pipe before it lets the next ``set()`` write. Whoever calls ``set()``
-    after changing state is sure the loop sees that change after its next ``clear()``.
+    ``set()`` writes only when no wake-up is pending, and ``clear()`` empties the pipe before it
+    lets the next ``set()`` write: one byte is in flight (a few if setters race; harmless).
+    Whoever calls ``set()`` after changing state is sure the loop sees that change after its
+    next ``clear()``.
     """
 
     def __init__(self) -> None:
@@ -56,8 +57,8 @@ class Wakeup:
                 pass  # full (the loop will wake anyway) or closed (the loop has ended)
 
     def clear(self) -> None:
-        # One read empties the pipe (it holds a byte, or a few if setters raced), once per turn
-        # of the loop; a byte left over would only cost a spare turn.
+        # One read empties the pipe (a byte, a few at most), once per turn of the loop; a byte
+        # left over would only cost a spare turn.
         try:
             os.read(self._read, 512)
         except (BlockingIOError, OSError):

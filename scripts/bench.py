@@ -214,15 +214,15 @@ def _wait_all(c: Client, handles: list) -> float:
     the very children being measured (about one point of efficiency on 2 cores). Tasks start in
     order, so the last one ends last or nearly: wait for it, then check all the others in one
     round trip, and wait for any still running. (One that ended during that round trip counts
-    as ended before it: under a millisecond either way.)"""
-    handles[-1].outcome(timeout=120)
+    as ended before it: the round trip's length, about a millisecond.)"""
+    handles[-1].result(timeout=120)  # raises if it did not end in time
     done = time.perf_counter()
     pipe = c.store.client.pipeline(transaction=False)
     for h in handles:
         pipe.exists(c.store.keys.result(h.id))
     for h, there in zip(handles, pipe.execute()):
         if not there:
-            h.outcome(timeout=120)
+            h.result(timeout=120)
             done = time.perf_counter()
     return done
 
