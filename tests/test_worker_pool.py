@@ -369,6 +369,26 @@ def test_hard_time_limit_kills_a_child_that_ignores_sigterm(make_pool):
 
 
 @pytest.mark.timeout(20)
+def test_hard_time_limit_holds_while_other_jobs_keep_starting(make_pool):
+    """The watchdog lets start reports pile up before reading them (REPORT_PAUSE); a steady
+    stream of them must not put off a time limit that falls due meanwhile."""
+    pool = make_pool(2)
+    limited = Ends()
+    pool.submit("limited", pool_jobs.sleep, (30,), on_end=limited, time_limit=0.3)
+    running_pid(pool, "limited")
+    quick = Ends()
+    started = 0
+    while not limited.ends:  # one quick job after another on the other child
+        pool.submit(("quick", started), pool_jobs.noop, on_end=quick)
+        started += 1
+        quick.wait(started)
+    end = limited.one()
+    assert end.error_type == "TimeLimitExceeded"
+    assert 0.3 <= end.ended - end.started < 1.0
+    assert started > 20
+
+
+@pytest.mark.timeout(20)
 def test_job_within_its_time_limit_is_not_touched(make_pool):
     pool = make_pool(1)
     pid = pool.pids()[0]
