@@ -5,6 +5,7 @@ cannot be encoded fails as that task's error rather than in the dispatcher.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from dispatcher.codec import encode
@@ -18,6 +19,11 @@ class ResultNotSerializable(TypeError):
 def init_child(modules: tuple[str, ...]) -> None:
     """Pool initializer: register the same tasks in the child as in the parent."""
     registry.import_modules(modules)
+
+
+def ready() -> int:
+    """The warm-up job: it can only end once a child has started and imported the task modules."""
+    return os.getpid()
 
 
 def run(name: str, args: tuple, kwargs: dict, task_id: str, codec: str, want_reply: bool) -> bytes | None:

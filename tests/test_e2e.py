@@ -147,6 +147,17 @@ def test_quick_tasks_go_in_batches_and_a_lost_child_fails_only_its_running_task(
     assert "16 completed, 1 failed, 0 retried, 1 dead-lettered, 0 put back" in proc.log
 
 
+def test_no_task_is_taken_before_the_children_can_run_it(start, client, r):
+    handle = client.enqueue("t.never")
+    proc = start("--procs", "1", tasks=("child_breaks",), ready=False)
+    wait_for(lambda: proc.log.count("exited with exit code") >= 3, 30, what="children failing to start")
+    assert " ready: " not in proc.log
+    assert r.llen("dispatcher:normal") == 1 and tokens_free(r) == 1   # not taken, not held
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert r.llen("dispatcher:normal") == 1 and handle.outcome() is None
+
+
 def test_sigterm_lets_running_tasks_finish_and_exits_zero_with_a_summary(start, client, r):
     proc = start("--procs", "2")
     running = [client.enqueue("t.span", 1.0, str(i)) for i in range(2)]
