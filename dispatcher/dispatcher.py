@@ -26,12 +26,13 @@ from dispatcher import outcomes
 from dispatcher.batching import Batcher
 from dispatcher.codec import Task, decode
 from dispatcher.errors import InvalidTask
-from dispatcher.execute import init_child, ready, run
+from dispatcher.execute import init_child, run
 from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
 from dispatcher.waiters import Waiters, Wakeup
+from dispatcher.warmup import WarmUp
 from worker_pool import Call, JobEnd, NotStarted, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 30.0      # safety net only: pushes and new schedules wake an idle loop at once
 SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
 BACKOFF_MAX = 2.0     # longest pause between tries while Redis is unreachable
-WARM_UP_REPORT = 10.0  # while the children are not ready, an error this often
 
 
 @dataclass
@@ -81,15 +81,13 @@ class Dispatcher:
         self._running: dict[int, Running] = {}
         self._pending: list[dict[str, Any]] = []   # finish items not yet written to Redis
         self._outbox: collections.deque[JobEnd] = collections.deque()
-        self._warm_ups: collections.deque[JobEnd] = collections.deque()  # ends of the warm-up jobs
-        self._warming = 0           # warm-up jobs not yet ended: no task is taken until none
-        self._warm_since = self._warm_report_at = 0.0
         self._wakeup = Wakeup()   # set by pool threads, signals and stop(); the loop sleeps on it
         self._signals = 0              # incremented by the signal handlers, nothing else
         self._signals_acted_on = 0     # how many of them the loop has already acted on
         self._outage = _Outage()
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
+        self._warm_up: WarmUp | None = None  # until the children are ready (dispatcher.warmup)
         self._batcher = Batcher(settings.procs, settings.batch_budget)
         self._waiters = Waiters(client, [*store.keys.queues, store.keys.wake], self._wakeup)
         self._heartbeat: Heartbeat | None = None
@@ -129,15 +127,7 @@ class Dispatcher:
                                 initargs=(self.settings.task_modules,),
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
-        # Take no task before the children can run one. They start in the background (a fork
-        # server, then the task modules' imports: about 0.1 s, more for heavy modules); tasks
-        # fetched before would wait for them, held from every other dispatcher, and forever if
-        # the children cannot start at all.
-        for i in range(self.settings.procs):
-            self._pool.submit(("warm-up", i), ready, on_end=self._on_warm_up)
-        self._warming = self.settings.procs
-        self._warm_since = time.monotonic()
-        self._warm_report_at = self._warm_since + WARM_UP_REPORT
+        self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
         self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
@@ -204,8 +194,13 @@ class Dispatcher:
         Returns how long the loop may sleep (0: go again now). Slots of pending outcomes count
         as free: the same round trip gives their tokens back before the fetch runs.
         """
-        if not self._workers_ready():
-            return max(0.0, self._warm_report_at - time.monotonic())  # a warm-up's end wakes us
+        if self._warm_up is not None:
+            wait = self._warm_up.check()
+            if wait is not None:
+                return wait  # a warm-up's end wakes us
+            self._warm_up = None
+            logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
+                        self.id, self.settings.procs, self.settings.heartbeat_ttl)
         free = self.settings.slots - len(self._running)
         if free <= 0:
             return IDLE_WAIT  # a finishing task wakes us
@@ -283,28 +278,6 @@ class Dispatcher:
                 self._pending.append(outcomes.invalid_item(
                     call.key, f"could not be handed to the worker pool: {exc!r}", self.store.keys, now))
                 self.counters.dead += 1
-
-    def _on_warm_up(self, end: JobEnd) -> None:
-        """Runs in a pool thread, as _on_end."""
-        self._warm_ups.append(end)
-        self._wakeup.set()
-
-    def _workers_ready(self) -> bool:
-        """True once every warm-up job has ended; says so now and then while they have not."""
-        while self._warm_ups:
-            end = self._warm_ups.popleft()
-            self._warming -= 1
-            if not end.ok:
-                logger.warning("a worker's warm-up job failed (%s: %s)", end.error_type, end.error_message)
-            if not self._warming:
-                logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs", self.id,
-                            self.settings.procs, self.settings.heartbeat_ttl)
-        if self._warming and time.monotonic() >= self._warm_report_at:
-            logger.error("%d of %d worker children still not ready after %.0fs: taking no tasks until "
-                         "they are (do the task modules import in a fresh process?)", self._warming,
-                         self.settings.procs, time.monotonic() - self._warm_since)
-            self._warm_report_at = time.monotonic() + WARM_UP_REPORT
-        return not self._warming
 
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""

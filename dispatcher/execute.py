@@ -6,6 +6,7 @@ cannot be encoded fails as that task's error rather than in the dispatcher.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from dispatcher.codec import encode
@@ -21,8 +22,11 @@ def init_child(modules: tuple[str, ...]) -> None:
     registry.import_modules(modules)
 
 
-def ready() -> int:
-    """The warm-up job: it can only end once a child has started and imported the task modules."""
+def warm_up() -> int:
+    """The warm-up job (``dispatcher.warmup``): it can only run once a child has started and
+    imported the task modules. It lasts 10 ms so that a child that started first cannot run
+    every warm-up before the others are up; the pid says which child ran it."""
+    time.sleep(0.01)
     return os.getpid()
 
 
