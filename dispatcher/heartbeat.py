@@ -10,7 +10,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-from dispatcher.server import pid_alive
+from dispatcher.local import pid_alive
 from dispatcher.store import REDIS_DOWN, Store
 
 logger = logging.getLogger(__name__)

