@@ -202,8 +202,11 @@ class Dispatcher:
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
         free = self.settings.slots - len(self._running)
-        if free <= 0:
-            return IDLE_WAIT  # a finishing task wakes us
+        if free < self.settings.refill_at:  # a finishing task wakes us
+            if self._pending:
+                self.store.finish_fast(self.id, self._pending)
+                self._pending = []
+            return IDLE_WAIT
         got = self.store.finish_and_fetch(self.id, self._pending, min(free, self.settings.batch))
         self._pending = []
         if isinstance(got, int):

@@ -68,3 +68,10 @@ class Settings:
         """Tasks this dispatcher may hold at once: one per child, plus the prefetched ones
         queued in the pool. The size of its token list."""
         return self.procs + self.prefetch
+
+    @property
+    def refill_at(self) -> int:
+        """Free slots the loop waits for before it fetches: one, or half the prefetch. A deep
+        prefetch is refilled by halves, a batch's worth per fetch, rather than by one task (and
+        one more script call in Redis) per finished one; half of it still waits in the pool."""
+        return max(1, self.prefetch // 2)

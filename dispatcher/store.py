@@ -145,6 +145,15 @@ class Store:
                 raise fetched
         return self._fetched(fetched)
 
+    def finish_fast(self, dispatcher_id: str, items: list[dict[str, Any]]) -> None:
+        """finish() on the hot path's own connection: the loop's write when it does not fetch."""
+        finish = _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items))
+        reply = self._hot_path.call([finish])[0]
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            self.finish(dispatcher_id, items)  # the Script object loads the source
+        elif isinstance(reply, Exception):
+            raise reply
+
     def _fetch_keys(self, dispatcher_id: str) -> list[str]:
         return [self.keys.tokens(dispatcher_id), self.keys.inflight(dispatcher_id),
                 *self.keys.queues, *self.keys.schedules, self.keys.wake]
