@@ -189,7 +189,8 @@ class Dispatcher:
                 return
 
     def _fill(self) -> float:
-        """Write pending outcomes and fetch for every free slot, in one round trip.
+        """Write pending outcomes and, once ``refill_at`` slots are free, fetch for them, in one
+        round trip.
 
         Returns how long the loop may sleep (0: go again now). Slots of pending outcomes count
         as free: the same round trip gives their tokens back before the fetch runs.
@@ -202,9 +203,9 @@ class Dispatcher:
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
         free = self.settings.slots - len(self._running)
-        if free < self.settings.refill_at:  # a finishing task wakes us
+        if free < self.settings.refill_at:  # not fetching yet: a finishing task wakes us
             if self._pending:
-                self.store.finish_fast(self.id, self._pending)
+                self.store.finish_and_fetch(self.id, self._pending, 0)
                 self._pending = []
             return IDLE_WAIT
         got = self.store.finish_and_fetch(self.id, self._pending, min(free, self.settings.batch))
@@ -218,9 +219,9 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
-        # Go again at once only for a slot still free (a short fetch, a dead letter's slot): a
-        # full house would only come back here to find nothing to do. A job that ends meanwhile
-        # wakes the loop anyway.
+        # Come back at once only with a slot still free (a short fetch, a dead letter's slot),
+        # which may be another fetch; a full house would find nothing to do. A job that ends
+        # meanwhile wakes the loop anyway.
         return 0 if len(self._running) < self.settings.slots else IDLE_WAIT
 
     def _prepare(self, fetched: Fetched, now: float) -> tuple[Call, str, float | None] | None:

@@ -71,7 +71,8 @@ class Settings:
 
     @property
     def refill_at(self) -> int:
-        """Free slots the loop waits for before it fetches: one, or half the prefetch. A deep
-        prefetch is refilled by halves, a batch's worth per fetch, rather than by one task (and
-        one more script call in Redis) per finished one; half of it still waits in the pool."""
-        return max(1, self.prefetch // 2)
+        """Free slots the loop waits for before it fetches: one, or half the prefetch (at most
+        --batch, the most one fetch takes). A deep prefetch is refilled by halves rather than by
+        one task (and one more script call in Redis) per finished one; the other half still
+        waits in the pool meanwhile."""
+        return max(1, min(self.prefetch // 2, self.batch))

@@ -114,7 +114,8 @@ class Store:
 
     def finish_and_fetch(self, dispatcher_id: str, items: list[dict[str, Any]],
                          most: int) -> list[Fetched] | int:
-        """finish() then fetch() in one round trip: the hot path of a busy dispatcher.
+        """finish() then fetch() in one round trip: the hot path of a busy dispatcher. With
+        ``most`` 0 it only finishes, and returns [] (the loop is not fetching yet).
 
         Two scripts in one pipeline rather than one merged script, so each stays one job. Each
         reply is judged on its own: a server that lost its scripts answers NOSCRIPT to one or
@@ -123,20 +124,21 @@ class Store:
         is raised: the loop then reconciles, which puts back whatever a lost fetch reply took.
         """
         fetch = _evalsha(self._fetch, self._fetch_keys(dispatcher_id), most)
-        if not items:
-            replies = self._hot_path.call([fetch])
-        else:
-            finish = _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items))
-            replies = self._hot_path.call([finish, fetch])
+        commands = [fetch] if most else []
+        if items:
+            commands.insert(0, _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items)))
+        replies = self._hot_path.call(commands) if commands else []
         for reply in replies:
             if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
                 raise reply
         if items and isinstance(replies[0], Exception):
             self.finish(dispatcher_id, items)  # the Script object loads the source on NOSCRIPT
-            if isinstance(replies[-1], list) and len(replies[-1]) == 1:
+            if most and isinstance(replies[-1], list) and len(replies[-1]) == 1:
                 # It took nothing, maybe for want of the tokens this finish gives back: a fresh
                 # server's first finish would otherwise read as "no free token".
                 replies[-1] = self._hot_path.call([fetch])[0]
+        if not most:
+            return []
         fetched = replies[-1]
         if isinstance(fetched, Exception):
             self.client.script_load(self._fetch.script)
@@ -144,15 +146,6 @@ class Store:
             if isinstance(fetched, Exception):
                 raise fetched
         return self._fetched(fetched)
-
-    def finish_fast(self, dispatcher_id: str, items: list[dict[str, Any]]) -> None:
-        """finish() on the hot path's own connection: the loop's write when it does not fetch."""
-        finish = _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items))
-        reply = self._hot_path.call([finish])[0]
-        if isinstance(reply, redis.exceptions.NoScriptError):
-            self.finish(dispatcher_id, items)  # the Script object loads the source
-        elif isinstance(reply, Exception):
-            raise reply
 
     def _fetch_keys(self, dispatcher_id: str) -> list[str]:
         return [self.keys.tokens(dispatcher_id), self.keys.inflight(dispatcher_id),

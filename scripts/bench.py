@@ -34,8 +34,8 @@ from dispatcher import Call, Client  # noqa: E402
 from dispatcher.server import start_server  # noqa: E402
 
 PROCS = 2
-PREFETCH = 64  # the --prefetch of the "prefetch" rows: tasks queued in the pool beyond idle children;
-# the default --batch, so one fetch can refill the whole queue
+PREFETCH = 64  # the --prefetch of the "prefetch" rows: tasks queued in the pool beyond idle children
+# (the default --batch: one fetch can fill it all at start; it is refilled by halves)
 QUEUES = ("dispatcher:high", "dispatcher:normal", "dispatcher:low")
 
 

@@ -74,3 +74,10 @@ def test_size_is_between_one_and_a_share_of_the_fetch(procs, fetched, runs):
 def test_the_budget_is_checked_with_the_settings(budget):
     with pytest.raises(ConfigError, match="--batch-budget"):
         Settings(batch_budget=budget)
+
+
+@pytest.mark.parametrize(("prefetch", "batch", "refill_at"),
+                         [(0, 64, 1), (1, 64, 1), (3, 64, 1), (4, 64, 2), (64, 64, 32), (256, 64, 64)])
+def test_a_deep_prefetch_is_refilled_by_halves_of_at_most_a_fetch(prefetch, batch, refill_at):
+    settings = Settings(procs=2, prefetch=prefetch, batch=batch)
+    assert settings.refill_at == refill_at

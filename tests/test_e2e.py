@@ -128,7 +128,7 @@ def test_prefetch_takes_that_many_more_but_each_child_still_runs_one_at_a_time(s
 
 
 def test_a_deep_prefetch_is_refilled_by_halves(start, client, r):
-    start("--procs", "1", "--prefetch", "4")                      # 5 slots; refilled at 2 free
+    proc = start("--procs", "1", "--prefetch", "4")               # 5 slots; refilled at 2 free
     handles = [client.enqueue("t.span", 0.4, str(i)) for i in range(10)]
     wait_for(lambda: r.llen("dispatcher:normal") == 5, 10, what="five taken")
     handles[0].result(timeout=10)                                  # one slot free: no fetch for it
@@ -136,6 +136,7 @@ def test_a_deep_prefetch_is_refilled_by_halves(start, client, r):
     handles[1].result(timeout=10)                                  # two free: both filled at once
     wait_for(lambda: r.llen("dispatcher:normal") == 3, 10, what="two more taken")
     assert [h.result(timeout=30)["tag"] for h in handles] == [str(i) for i in range(10)]
+    assert " ERROR " not in proc.log and " WARNING " not in proc.log
 
 
 def test_quick_tasks_go_in_batches_and_a_lost_child_fails_only_its_running_task(start, client, r):
