@@ -22,11 +22,11 @@ def init_child(modules: tuple[str, ...]) -> None:
     registry.import_modules(modules)
 
 
-def warm_up() -> int:
+def warm_up(seconds: float) -> int:
     """The warm-up job (``dispatcher.warmup``): it can only run once a child has started and
-    imported the task modules. It lasts 10 ms so that a child that started first cannot run
-    every warm-up before the others are up; the pid says which child ran it."""
-    time.sleep(0.01)
+    imported the task modules. It sleeps, so that each idle child takes one of a round rather
+    than one child taking them all; the pid says which child ran it."""
+    time.sleep(seconds)
     return os.getpid()
 
 
