@@ -123,7 +123,7 @@ class Store:
         that ran must never be repeated, or the batch it took would be orphaned). Any other error
         is raised: the loop then reconciles, which puts back whatever a lost fetch reply took.
         """
-        fetch = _evalsha(self._fetch, self._fetch_keys(dispatcher_id), most)
+        fetch = _evalsha(self._fetch, self._fetch_keys(dispatcher_id), most) if most else ()
         commands = [fetch] if most else []
         if items:
             commands.insert(0, _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items)))
