@@ -83,3 +83,8 @@ def open_file_ids() -> set[tuple[int, int]]:
             continue
         ids.add((st.st_dev, st.st_ino))
     return ids
+
+
+def broken_initializer() -> None:
+    """A pool initializer that fails, as a task module that does not import in a child would."""
+    raise ImportError("this child cannot start")

@@ -343,6 +343,25 @@ def test_sigkill_of_idle_children_does_not_wedge_the_pool(make_pool):
     assert sorted(end.value for end in ends.wait(10, timeout=10)) == [2 * i for i in range(10)]
 
 
+@pytest.mark.timeout(30)
+def test_children_that_die_at_start_are_replaced_ever_more_slowly(caplog):
+    """Pool replaces a dead child at once; if every child dies in its initializer, that was a
+    fork storm (every core busy, a traceback each time). Now each replacement waits longer."""
+    caplog.set_level(logging.WARNING, logger="worker_pool.pool")
+    messages = lambda: [r.getMessage() for r in caplog.records]  # noqa: E731
+    started = time.monotonic()
+    pool = WorkerPool(1, initializer=pool_jobs.broken_initializer)
+    try:
+        wait_until(lambda: any("starting the next in 0.80s" in m for m in messages()), 20,
+                   "the wait between replacements to double up to 0.8 s")
+        assert time.monotonic() - started >= 0.05 + 0.1 + 0.2 + 0.4  # the waits so far
+        assert sum("idle worker" in m for m in messages()) <= 6       # five deaths, maybe six
+    finally:
+        started = time.monotonic()
+        pool.terminate()                 # cuts a pending wait short
+        assert time.monotonic() - started < 1.5
+
+
 # -- time limits --------------------------------------------------------------------------------
 
 @pytest.mark.timeout(20)

@@ -6,7 +6,8 @@
   pool); returns a ``JobResult``, an ``ApplyResult`` without the Event that only ``get()``
   needs, which takes several results per job (a batch's calls, see ``child.run_batch``).
 * The initializer gets the result queue as its first argument, for ``child.run_batch``.
-* ``Process``: Pool calls ``self.Process`` for every child it starts; the override reports each
+* ``Process``: Pool calls ``self.Process`` for every child it starts; the override first lets the
+  owner pause (``before_new_child``: back-off after children that died at start), reports each
   new child to the watchdog before the child can run anything, and makes ``terminate()`` of a
   child mean SIGKILL (children ignore SIGTERM between jobs, see ``worker_pool.child``, so the
   stock SIGTERM in ``Pool.terminate`` would leave them running and its join hanging).
@@ -63,15 +64,18 @@ class ProcessPool(multiprocessing.pool.Pool):
 
     def __init__(self, procs: int, initializer: Callable, initargs: tuple,
                  ctx: context.BaseContext, report: Connection,
-                 on_new_child: Callable[[BaseProcess], None]) -> None:
+                 on_new_child: Callable[[BaseProcess], None],
+                 before_new_child: Callable[[], None]) -> None:
         self._report = report
         self._on_new_child = on_new_child
+        self._before_new_child = before_new_child
         self._results = ResultQueue(ctx=ctx)
         super().__init__(procs, initializer, (self._results, *initargs), context=ctx)
         self._cache.notifier = _NotifyOnceClosed(self, self._change_notifier)
 
     def Process(self, ctx: context.BaseContext, *args: Any, **kwds: Any) -> Any:  # noqa: N802
         # Shadows Pool.Process, a staticmethod, on purpose (see the module docstring).
+        self._before_new_child()
         proc = _WORKERS[ctx.get_start_method()](*args, **kwds)
         self._on_new_child(proc)
         return proc

@@ -73,6 +73,12 @@ REAP_WAIT = 0.5  # seconds a death waits for Pool's worker handler to reap the c
 REPORT_PAUSE = 0.025
 SHORT_REPORT_PAUSE = 0.005
 BUSY_REPORTS = 16
+# A child that dies before it ever takes a job (an initializer that fails: a task module that
+# does not import) is replaced at once by Pool, which then forks as fast as it can, using every
+# core and writing a traceback each time. After such a death the next child waits, from
+# RESPAWN_FIRST doubling up to RESPAWN_MAX; any job's start resets the wait.
+RESPAWN_FIRST = 0.05
+RESPAWN_MAX = 2.0
 UNREPORTED = "a child died after taking the job, before reporting its start"
 
 
@@ -112,6 +118,9 @@ class WorkerPool:
         self._unreported: list[int] = []
         self._limit_due = time.monotonic() + watch_interval  # next time-limit event (monotonic)
         self._report_pause = REPORT_PAUSE
+        self._respawn_wait = 0.0    # before the next new child (Pool's worker handler waits it)
+        self._took_jobs: set[int] = set()  # pids of live children that have taken a job
+        self._stop = threading.Event()
         self._barrier_ids = itertools.count()
         self._report_in, self._report_out = Pipe(duplex=False)
         self._report_buf = b""
@@ -121,13 +130,12 @@ class WorkerPool:
         try:
             self._pool = ProcessPool(procs, child.init_child, (initializer, initargs),
                                      multiprocessing.get_context(start_method), self._report_out,
-                                     self._new_children.append)
+                                     self._new_children.append, self._before_new_child)
         except BaseException:
             self._selector.close()
             self._report_in.close()
             self._report_out.close()
             raise
-        self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="worker-pool-watchdog",
                                           daemon=True)
         self._watchdog.start()
@@ -401,6 +409,8 @@ class WorkerPool:
                 job = self._jobs.get(seq)
                 if job is None:
                     continue  # it ended before its report was read
+                self._took_jobs.add(pid)
+                self._respawn_wait = 0.0
                 job.pid = pid
                 if job.ended == 0:  # else a call's end already said when the next one started
                     job.started = started
@@ -421,6 +431,14 @@ class WorkerPool:
             self._unreported.extend(self._pool._inqueue.unreported_takes())
         self._audit_due = False
 
+    def _before_new_child(self) -> None:
+        """Runs in Pool's worker-handler thread before each new child (see RESPAWN_FIRST);
+        terminate() cuts the wait short."""
+        if self._respawn_wait:
+            logger.warning("children die before taking a job: starting the next in %.2fs",
+                           self._respawn_wait)
+            self._stop.wait(self._respawn_wait)
+
     def _fail_unreported(self) -> None:
         with self._lock:
             lost, self._unreported = self._unreported, []
@@ -440,6 +458,9 @@ class WorkerPool:
                 self._fail_later(seq, proc.pid, how)
             elif proc.exitcode:
                 logger.warning("idle worker %s", how)
+                if proc.pid not in self._took_jobs:  # died at start: slow the next one down
+                    self._respawn_wait = min(max(2 * self._respawn_wait, RESPAWN_FIRST), RESPAWN_MAX)
+            self._took_jobs.discard(proc.pid)
         self._deaths = waiting
 
     def _enforce_time_limits(self, now: float) -> float:
