@@ -88,3 +88,8 @@ def open_file_ids() -> set[tuple[int, int]]:
 def broken_initializer() -> None:
     """A pool initializer that fails, as a task module that does not import in a child would."""
     raise ImportError("this child cannot start")
+
+
+def exit_later(code: int, delay: float) -> None:
+    """Return at once; the child exits with ``code`` ``delay`` seconds later, while idle."""
+    threading.Timer(delay, os._exit, (code,)).start()

@@ -362,6 +362,23 @@ def test_children_that_die_at_start_are_replaced_ever_more_slowly(caplog):
         assert time.monotonic() - started < 1.5
 
 
+@pytest.mark.timeout(30)
+def test_a_child_that_ran_quick_jobs_and_then_died_is_replaced_at_once(make_pool, caplog):
+    """Its start reports are read after its quick jobs ended; it still counts as having taken
+    them, so its death is not mistaken for a failed start."""
+    caplog.set_level(logging.WARNING, logger="worker_pool.pool")
+    pool = make_pool(1)
+    for death in (1, 2):  # a wrong wait would show from the second replacement on
+        old_pids = pool.pids()
+        for _ in range(5):
+            assert run_one(pool, pool_jobs.noop).ok
+        assert run_one(pool, pool_jobs.exit_later, 3, 0.2).ok
+        wait_until(lambda: sum("exited with exit code 3" in r.getMessage() for r in caplog.records) == death,
+                   10, "the idle child's exit to be noticed")
+        assert_back_to_full_strength(pool, 1, old_pids)
+    assert not any("children die before taking a job" in r.getMessage() for r in caplog.records)
+
+
 # -- time limits --------------------------------------------------------------------------------
 
 @pytest.mark.timeout(20)

@@ -73,10 +73,12 @@ REAP_WAIT = 0.5  # seconds a death waits for Pool's worker handler to reap the c
 REPORT_PAUSE = 0.025
 SHORT_REPORT_PAUSE = 0.005
 BUSY_REPORTS = 16
-# A child that dies before it ever takes a job (an initializer that fails: a task module that
-# does not import) is replaced at once by Pool, which then forks as fast as it can, using every
-# core and writing a traceback each time. After such a death the next child waits, from
-# RESPAWN_FIRST doubling up to RESPAWN_MAX; any job's start resets the wait.
+# A child that exits with an error before it ever takes a job (an initializer that fails: a task
+# module that does not import) is replaced at once by Pool, which then forks as fast as it can,
+# using every core and writing a traceback each time. After such a death the next child waits,
+# from RESPAWN_FIRST doubling up to RESPAWN_MAX; any job's start report resets the wait. While
+# Pool's worker handler waits it reaps no other child: a death mid-job is then settled after
+# REAP_WAIT, a state only a pool whose children cannot start gets into.
 RESPAWN_FIRST = 0.05
 RESPAWN_MAX = 2.0
 UNREPORTED = "a child died after taking the job, before reporting its start"
@@ -406,11 +408,11 @@ class WorkerPool:
                 if seq == NO_JOB:
                     continue  # terminate's wake-up call
                 self._unreported.extend(self._pool._inqueue.taken(seq))
+                self._took_jobs.add(pid)  # first: a quick job has often ended by now
+                self._respawn_wait = 0.0
                 job = self._jobs.get(seq)
                 if job is None:
                     continue  # it ended before its report was read
-                self._took_jobs.add(pid)
-                self._respawn_wait = 0.0
                 job.pid = pid
                 if job.ended == 0:  # else a call's end already said when the next one started
                     job.started = started
@@ -458,8 +460,12 @@ class WorkerPool:
                 self._fail_later(seq, proc.pid, how)
             elif proc.exitcode:
                 logger.warning("idle worker %s", how)
-                if proc.pid not in self._took_jobs:  # died at start: slow the next one down
-                    self._respawn_wait = min(max(2 * self._respawn_wait, RESPAWN_FIRST), RESPAWN_MAX)
+                # An exit code (not a signal: an OOM kill, an operator) before any job: its
+                # initializer failed. Slow the next one down.
+                if proc.exitcode > 0 and proc.pid not in self._took_jobs:
+                    with self._lock:  # _read_reports resets it under the lock
+                        self._respawn_wait = min(max(2 * self._respawn_wait, RESPAWN_FIRST),
+                                                 RESPAWN_MAX)
             self._took_jobs.discard(proc.pid)
         self._deaths = waiting
 
