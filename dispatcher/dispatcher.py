@@ -204,9 +204,7 @@ class Dispatcher:
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
         free = self.settings.slots - len(self._running)
         if free < self.settings.refill_at:  # not fetching yet: a finishing task wakes us
-            if self._pending:
-                self.store.finish_and_fetch(self.id, self._pending, 0)
-                self._pending = []
+            self._flush()
             return IDLE_WAIT
         got = self.store.finish_and_fetch(self.id, self._pending, min(free, self.settings.batch))
         self._pending = []
@@ -219,10 +217,11 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
-        # Come back at once only with a slot still free (a short fetch, a dead letter's slot),
-        # which may be another fetch; a full house would find nothing to do. A job that ends
-        # meanwhile wakes the loop anyway.
-        return 0 if len(self._running) < self.settings.slots else IDLE_WAIT
+        # Come back at once only for work: another fetch (a short one means the lists may be
+        # empty, and the next arms the waiters) or outcomes to write (dead letters). A job that
+        # ends meanwhile wakes the loop anyway.
+        free = self.settings.slots - len(self._running)
+        return 0 if free >= self.settings.refill_at or self._pending else IDLE_WAIT
 
     def _prepare(self, fetched: Fetched, now: float) -> tuple[Call, str, float | None] | None:
         """Decode and check a fetched task, and record it as running: (its call, its name, its
@@ -331,8 +330,9 @@ class Dispatcher:
         return item
 
     def _flush(self) -> None:
+        """Write pending outcomes without fetching (on the hot path's connection)."""
         if self._pending:
-            self.store.finish(self.id, self._pending)
+            self.store.finish_and_fetch(self.id, self._pending, 0)
             self._pending = []
 
     def _reconcile(self) -> None:
