@@ -154,7 +154,7 @@ def _serve(settings: Settings, server: object) -> int:
     client = connect(server.url, retries=0)  # see connect(): the loop reconciles instead
     logger.info("redis: %s (%s)", mask_url(server.url), server.source)
     if server.state_dir is not None:
-        logger.info("bundled server keeps its data (AOF) in %s", server.state_dir)
+        logger.info("the server it started keeps its data (AOF) in %s", server.state_dir)
     logger.info("queues: %s (highest priority first)", ", ".join(keys.queues))
     logger.info("tasks: %s", ", ".join(registry.names()) or "none")
     logger.info("pool: %d worker process(es)", settings.procs)
