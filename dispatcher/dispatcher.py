@@ -4,15 +4,16 @@ One thread (the caller's) owns the hot path: it writes outcomes and fetches task
 round trip. Pool threads only append finished jobs to an in-memory outbox and wake the loop, so a
 callback can never raise into the pool or block on Redis. The loop takes a task only for a free
 slot (token); there is one slot per child, plus --prefetch slots whose tasks wait in the pool's
-queue for whichever child frees first. A child only ever takes a task when it is idle, so no
-child is ever handed a second task -- except that, with --prefetch, tasks seen to run for under
-half of --batch-budget (1 ms by default) may go to the pool in small batches
-(``dispatcher.batching``).
+queue for whichever child frees first (a high task passes them: ``dispatcher.urgent``). A
+child only ever takes a task when it is idle, so no child is ever handed a second task --
+except that, with --prefetch, tasks seen to run for under half of --batch-budget (1 ms by
+default) may go to the pool in small batches (``dispatcher.batching``).
 """
 from __future__ import annotations
 
 import collections
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -31,7 +32,8 @@ from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
-from dispatcher.waiters import Waiters, Wakeup
+from dispatcher.urgent import Bar, HighTasks, Yielded
+from dispatcher.waiters import Waiters, Wakeup, Watch
 from dispatcher.warmup import WarmUp
 from worker_pool import Call, JobEnd, NotStarted, WorkerPool
 
@@ -56,10 +58,12 @@ class Counters:
     retried: int = 0
     dead: int = 0
     requeued: int = 0
+    yielded: int = 0
 
     def summary(self) -> str:
         return (f"{self.completed} completed, {self.failed} failed, {self.retried} retried, "
-                f"{self.dead} dead-lettered, {self.requeued} put back")
+                f"{self.dead} dead-lettered, {self.requeued} put back, "
+                f"{self.yielded} handed back for high tasks")
 
 
 @dataclass
@@ -91,6 +95,12 @@ class Dispatcher:
         self._batcher = Batcher(settings.procs, settings.batch_budget)
         self._waiters = Waiters(client, [*store.keys.queues, store.keys.wake], self._wakeup)
         self._heartbeat: Heartbeat | None = None
+        # High tasks first, past tasks already in the pool's queue (dispatcher.urgent)
+        self._high = store.keys.queue("high")
+        self._context = multiprocessing.get_context(settings.start_method)
+        self._bar = Bar(self._context)
+        self._highs = HighTasks(self._bar)
+        self._watch: Watch | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -124,10 +134,12 @@ class Dispatcher:
 
     def _start_workers(self, info: dict[str, Any]) -> None:
         self._pool = WorkerPool(self.settings.procs, initializer=init_child,
-                                initargs=(self.settings.task_modules,),
+                                initargs=(self.settings.task_modules, self._bar),
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
         self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
+        if self.settings.prefetch:  # without a prefetch no task waits in the pool to be passed
+            self._watch = Watch(self.client, self._high, self._bar, self._context)
         self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
@@ -193,7 +205,8 @@ class Dispatcher:
         round trip.
 
         Returns how long the loop may sleep (0: go again now). Slots of pending outcomes count
-        as free: the same round trip gives their tokens back before the fetch runs.
+        as free: the same round trip gives their tokens back before the fetch runs. While the
+        bar is up (a high task was pushed), it fetches high tasks only, for any free slot.
         """
         if self._warm_up is not None:
             wait = self._warm_up.check()
@@ -203,11 +216,18 @@ class Dispatcher:
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
         free = self.settings.slots - len(self._running)
-        if free < self.settings.refill_at:  # not fetching yet: a finishing task wakes us
+        raised = self._bar.raised  # a high task waits in Redis: fetch it, and only it, at once
+        if free < (1 if raised else self.settings.refill_at):  # a finishing task wakes us
             self._flush()
             return IDLE_WAIT
-        got = self.store.finish_and_fetch(self.id, self._pending, min(free, self.settings.batch))
+        most = min(free, self.settings.batch)
+        got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
+        if raised and (isinstance(got, int) or len(got) < most):  # no high task left there
+            self._bar.lower()
+            self._watch_if_holding_others()
+            if isinstance(got, int) and got != -2:
+                return 0  # fetch the others now
         if isinstance(got, int):
             if got == -2:
                 logger.warning("Redis holds no free token for %d free slot(s); reconciling", free)
@@ -217,6 +237,9 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
+        if (not raised and self._watch is not None and not self._watch.watching
+                and any(f.queue != self._high for f in got)):
+            self._watch.want()
         # Come back at once only for work: another fetch (a short one means the lists may be
         # empty, and the next arms the waiters) or outcomes to write (dead letters). A job that
         # ends meanwhile wakes the loop anyway.
@@ -239,9 +262,10 @@ class Dispatcher:
             return None
         self._running[fetched.slot] = Running(task, spec, fetched)
         logger.debug("start %s %s slot=%d attempt=%d", task.name, task.id, fetched.slot, task.attempt)
+        high = self._highs.handed(fetched.slot) if fetched.queue == self._high else 0
         call = Call(fetched.slot, run,
                     (task.name, task.args, kwargs, task.id, task.codec,
-                     bool(task.want_result or task.reply_to)),
+                     bool(task.want_result or task.reply_to), high),
                     None, _first(task.soft_time_limit, spec.soft_time_limit, self.settings.soft_time_limit))
         return call, task.name, _first(task.time_limit, spec.time_limit, self.settings.time_limit)
 
@@ -278,9 +302,15 @@ class Dispatcher:
             now = time.time()
             for call in batch:
                 self._running.pop(call.key, None)
+                self._highs.ended(call.key)
                 self._pending.append(outcomes.invalid_item(
                     call.key, f"could not be handed to the worker pool: {exc!r}", self.store.keys, now))
                 self.counters.dead += 1
+
+    def _watch_if_holding_others(self) -> None:
+        """Watch the high list again while any task we hold could be passed by a high one."""
+        if self._watch is not None and any(r.fetched.queue != self._high for r in self._running.values()):
+            self._watch.want()
 
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
@@ -296,8 +326,14 @@ class Dispatcher:
             if running is None:
                 logger.error("job end for unknown slot %r ignored", end.key)
                 continue
+            self._highs.ended(end.key)
             if end.error_type == NotStarted.__name__:  # its batch's child was lost, the pool closing:
                 self.counters.requeued += 1            # it never ran, so back to Redis, uncounted
+                put_back.append(outcomes.requeue_item(end.key))
+                continue
+            if end.error_type == Yielded.__name__:     # a high task waits: this one goes back to
+                self.counters.yielded += 1             # the head of its list, unrun, uncounted
+                logger.debug("handed back %s %s for a high task", running.task.name, running.task.id)
                 put_back.append(outcomes.requeue_item(end.key))
                 continue
             self._batcher.observe(running.task.name, end.duration)
@@ -354,6 +390,9 @@ class Dispatcher:
         else:
             outage.delay = min(BACKOFF_MAX, outage.delay * 2)
         self._needs_reconcile = True
+        if self._bar.raised:  # no fetch can take the high task now: let the children run the rest
+            self._bar.lower()
+            self._watch_if_holding_others()
         return outage.delay
 
     def _redis_back(self) -> None:
@@ -368,6 +407,8 @@ class Dispatcher:
         """Let running tasks finish until the grace deadline (or a second signal), put the rest back."""
         self._signals_acted_on = signals_at_stop = max(self._signals, 1)
         self._waiters.close()
+        if self._watch is not None:
+            self._watch.close()
         if self._pool is None:
             self._wakeup.close()
             return

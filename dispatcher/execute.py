@@ -11,14 +11,20 @@ from typing import Any
 
 from dispatcher.codec import encode
 from dispatcher.registry import registry
+from dispatcher.urgent import Bar, Yielded
+
+# This child's view of the dispatcher's bar (dispatcher.urgent), given by init_child.
+_bar: Bar | None = None
 
 
 class ResultNotSerializable(TypeError):
     """The task returned something its reply codec cannot carry."""
 
 
-def init_child(modules: tuple[str, ...]) -> None:
+def init_child(modules: tuple[str, ...], bar: Bar | None = None) -> None:
     """Pool initializer: register the same tasks in the child as in the parent."""
+    global _bar
+    _bar = bar
     registry.import_modules(modules)
 
 
@@ -30,8 +36,18 @@ def warm_up(seconds: float) -> int:
     return os.getpid()
 
 
-def run(name: str, args: tuple, kwargs: dict, task_id: str, codec: str, want_reply: bool) -> bytes | None:
-    """Run one task; returns the encoded "ok" reply when someone asked for it."""
+def run(name: str, args: tuple, kwargs: dict, task_id: str, codec: str, want_reply: bool,
+        high: int = 0) -> bytes | None:
+    """Run one task; returns the encoded "ok" reply when someone asked for it.
+
+    ``high`` is a high task's number (dispatcher.urgent), 0 for any other task: such a task is
+    handed back unrun (Yielded) while a high one waits.
+    """
+    if _bar is not None:
+        if high:
+            _bar.taken(high)
+        elif _bar.must_yield():
+            raise Yielded(f"{name} {task_id} handed back: a high task waits")
     value = registry.get(name).fn(*args, **kwargs)
     if not want_reply:
         return None

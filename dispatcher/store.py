@@ -113,9 +113,10 @@ class Store:
         return self.finish_and_fetch(dispatcher_id, [], most)
 
     def finish_and_fetch(self, dispatcher_id: str, items: list[dict[str, Any]],
-                         most: int) -> list[Fetched] | int:
+                         most: int, lists: int = 3) -> list[Fetched] | int:
         """finish() then fetch() in one round trip: the hot path of a busy dispatcher. With
-        ``most`` 0 it only finishes, and returns [] (the loop is not fetching yet).
+        ``most`` 0 it only finishes, and returns [] (the loop is not fetching yet). ``lists`` 1
+        takes high tasks only (dispatcher.urgent).
 
         Two scripts in one pipeline rather than one merged script, so each stays one job. Each
         reply is judged on its own: a server that lost its scripts answers NOSCRIPT to one or
@@ -123,7 +124,7 @@ class Store:
         that ran must never be repeated, or the batch it took would be orphaned). Any other error
         is raised: the loop then reconciles, which puts back whatever a lost fetch reply took.
         """
-        fetch = _evalsha(self._fetch, self._fetch_keys(dispatcher_id), most) if most else ()
+        fetch = _evalsha(self._fetch, self._fetch_keys(dispatcher_id), most, lists) if most else ()
         commands = [fetch] if most else []
         if items:
             commands.insert(0, _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items)))

@@ -13,6 +13,8 @@ KEYS[6..8]  the high, normal and low schedules (sorted sets, score = due time in
 KEYS[9]     the wake list (pushed when a task is scheduled); cleared here, since this call sees
             every schedule and reports the next due time
 ARGV[1]     most tasks to take
+ARGV[2]     how many of the lists to take from, highest first (optional, default 3): 1 takes
+            high tasks only, while one waits and the dispatcher holds others (dispatcher.urgent)
 
 Returns {slot, list index (1..3), element, ...} when it took tasks; otherwise a single number:
 milliseconds until the next scheduled task is due, -1 if nothing is scheduled, or -2 if this
@@ -40,7 +42,7 @@ end
 local out = {}
 local record = {}
 local taken = 0
-for i = 1, 3 do
+for i = 1, tonumber(ARGV[2] or 3) do
   if taken >= want then break end
   local elements = redis.call('RPOP', KEYS[2 + i], want - taken)
   if elements then

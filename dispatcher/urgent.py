@@ -1,0 +1,98 @@
+"""High tasks go first even past tasks already handed to the pool.
+
+With ``--prefetch``, tasks wait in the pool's queue, first in first out, for whichever child frees
+first. A high task fetched after them would start only after all of them, and one pushed while
+they wait only after the loop's next refill: with slow tasks, many seconds. So there is a bar in
+memory shared with the children:
+
+* a watcher (``waiters.Watch``) blocks on the high list while the dispatcher holds tasks that are
+  not high, and raises the bar the moment a high task is pushed; the loop then fetches high tasks
+  only, as soon as a slot is free, and lowers the bar once a fetch finds no more;
+* a high task handed to the pool holds the bar up until a child takes it (or it ends some other
+  way: a lost child);
+* a child about to run a task that is not high looks at the bar first: while it is up, the child
+  hands the task back unrun (``Yielded``) and the loop puts it back at the head of its list. That
+  frees its slot, so the high task is fetched, and it is the next one a child takes.
+
+A task already running is never stopped, and normal and low tasks keep their order among
+themselves. The watcher learns of a push a few tens of microseconds after it, so a task already
+on its way to a child by then may still start first.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable
+from multiprocessing.context import BaseContext
+
+RAISED, WAIT_FOR, TAKEN = range(3)  # the shared values
+
+
+class Yielded(Exception):
+    """A task handed back unrun by its child because a high task waits (never an error)."""
+
+
+class Bar:
+    """The shared part: set up before the pool starts, handed to each child by its initializer.
+
+    RAISED is written by the dispatcher only (its watcher raises it, its loop lowers it). WAIT_FOR,
+    the number of the newest high task in the pool that has not ended, is written by the loop
+    only. TAKEN, the newest number a child has taken, is written by children under the lock.
+    """
+
+    def __init__(self, ctx: BaseContext) -> None:
+        self._values = ctx.RawArray("q", 3)
+        self._lock = ctx.Lock()
+
+    # -- in a child, before each task ----------------------------------------------------------
+
+    def must_yield(self) -> bool:
+        """Before a task that is not high: is a high task waiting, in Redis or in the pool?"""
+        values = self._values
+        return bool(values[RAISED]) or values[TAKEN] < values[WAIT_FOR]
+
+    def taken(self, number: int) -> None:
+        """Before high task ``number``: the tasks queued behind it need not wait for it."""
+        with self._lock:
+            if self._values[TAKEN] < number:
+                self._values[TAKEN] = number
+
+    # -- in the dispatcher -------------------------------------------------------------------
+
+    @property
+    def raised(self) -> bool:
+        return bool(self._values[RAISED])
+
+    def raise_(self) -> None:
+        self._values[RAISED] = 1
+
+    def lower(self) -> None:
+        self._values[RAISED] = 0
+
+    def wait_for(self, number: int) -> None:
+        self._values[WAIT_FOR] = number
+
+
+class HighTasks:
+    """The loop's record of the high tasks it has handed to the pool and that have not ended.
+
+    Each gets the next number; the bar waits for the newest of them. When that one ends the bar
+    falls back to the newest still there, so a high task lost before any child took it cannot
+    hold the other tasks back for good.
+    """
+
+    def __init__(self, bar: Bar) -> None:
+        self._bar = bar
+        self._count = 0                       # numbers handed out; never reused
+        self._waited = 0                      # what the bar waits for: the newest not ended
+        self._numbers: dict[Hashable, int] = {}
+
+    def handed(self, key: Hashable) -> int:
+        self._count += 1
+        self._numbers[key] = self._waited = self._count
+        self._bar.wait_for(self._count)
+        return self._count
+
+    def ended(self, key: Hashable) -> None:
+        number = self._numbers.pop(key, None)
+        if number is not None and number == self._waited:
+            self._waited = max(self._numbers.values(), default=0)
+            self._bar.wait_for(self._waited)
