@@ -98,7 +98,7 @@ class Dispatcher:
         # High tasks first, past tasks already in the pool's queue (dispatcher.urgent)
         self._high = store.keys.queue("high")
         self._context = multiprocessing.get_context(settings.start_method)
-        self._bar = Bar(self._context)
+        self._bar = Bar(self._context, settings.slots)
         self._highs = HighTasks(self._bar)
         self._watch: Watch | None = None
 
@@ -223,10 +223,9 @@ class Dispatcher:
         most = min(free, self.settings.batch)
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
-        if raised and (isinstance(got, int) or len(got) < most):  # no high task left there
-            self._bar.lower()
-            self._watch_if_holding_others()
-            if isinstance(got, int) and got != -2:
+        if isinstance(got, int) and raised:  # no high task left there
+            self._watch.lower(watch_again=self._holding_others())
+            if got != -2:
                 return 0  # fetch the others now
         if isinstance(got, int):
             if got == -2:
@@ -237,6 +236,8 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
+        if raised and len(got) < most:  # no high task left there. Lowered only now that the bar
+            self._watch.lower(watch_again=self._holding_others())  # waits for those just handed
         if (not raised and self._watch is not None and not self._watch.watching
                 and any(f.queue != self._high for f in got)):
             self._watch.want()
@@ -307,10 +308,9 @@ class Dispatcher:
                     call.key, f"could not be handed to the worker pool: {exc!r}", self.store.keys, now))
                 self.counters.dead += 1
 
-    def _watch_if_holding_others(self) -> None:
-        """Watch the high list again while any task we hold could be passed by a high one."""
-        if self._watch is not None and any(r.fetched.queue != self._high for r in self._running.values()):
-            self._watch.want()
+    def _holding_others(self) -> bool:
+        """Does this dispatcher hold any task that a high one could pass?"""
+        return any(r.fetched.queue != self._high for r in self._running.values())
 
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
@@ -391,8 +391,7 @@ class Dispatcher:
             outage.delay = min(BACKOFF_MAX, outage.delay * 2)
         self._needs_reconcile = True
         if self._bar.raised:  # no fetch can take the high task now: let the children run the rest
-            self._bar.lower()
-            self._watch_if_holding_others()
+            self._watch.lower(watch_again=self._holding_others())
         return outage.delay
 
     def _redis_back(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from multiprocessing.context import BaseContext
 
-RAISED, WAIT_FOR, TAKEN = range(3)  # the shared values
+RAISED, WAIT_FOR, TAKEN = range(3)  # the shared values; TAKEN is where the ring of marks starts
 
 
 class Yielded(Exception):
@@ -33,27 +33,31 @@ class Yielded(Exception):
 class Bar:
     """The shared part: set up before the pool starts, handed to each child by its initializer.
 
-    RAISED is written by the dispatcher only (its watcher raises it, its loop lowers it). WAIT_FOR,
-    the number of the newest high task in the pool that has not ended, is written by the loop
-    only. TAKEN, the newest number a child has taken, is written by children under the lock.
+    RAISED is written by the dispatcher only (its watcher raises it, its loop lowers it).
+    WAIT_FOR, the number of the newest high task in the pool that has not ended, is written by
+    the loop only. A child taking high task n writes n in mark n % size of a ring. No value has
+    two writers that could race, so no lock: a lock held by a child killed mid-task would stop
+    every other child for good. The ring is more than twice as long as the pool's queue, so the
+    mark of a task still in it is never overwritten.
     """
 
-    def __init__(self, ctx: BaseContext) -> None:
-        self._values = ctx.RawArray("q", 3)
-        self._lock = ctx.Lock()
+    def __init__(self, ctx: BaseContext, slots: int) -> None:
+        self._ring = 2 * slots + 2
+        self._values = ctx.RawArray("q", TAKEN + self._ring)
 
     # -- in a child, before each task ----------------------------------------------------------
 
     def must_yield(self) -> bool:
         """Before a task that is not high: is a high task waiting, in Redis or in the pool?"""
         values = self._values
-        return bool(values[RAISED]) or values[TAKEN] < values[WAIT_FOR]
+        if values[RAISED]:
+            return True
+        waited = values[WAIT_FOR]
+        return bool(waited) and values[TAKEN + waited % self._ring] != waited
 
     def taken(self, number: int) -> None:
         """Before high task ``number``: the tasks queued behind it need not wait for it."""
-        with self._lock:
-            if self._values[TAKEN] < number:
-                self._values[TAKEN] = number
+        self._values[TAKEN + number % self._ring] = number
 
     # -- in the dispatcher -------------------------------------------------------------------
 
@@ -72,27 +76,25 @@ class Bar:
 
 
 class HighTasks:
-    """The loop's record of the high tasks it has handed to the pool and that have not ended.
+    """The loop's record of the high tasks it hands to the pool: the bar waits for the newest.
 
-    Each gets the next number; the bar waits for the newest of them. When that one ends the bar
-    falls back to the newest still there, so a high task lost before any child took it cannot
-    hold the other tasks back for good.
+    The pool's queue is first in, first out, so once a child has taken the newest, every high
+    task before it has been taken too. When the newest ends, however it ends (a lost child,
+    too), the bar waits for none: one that never reached a child cannot hold the others back.
     """
 
     def __init__(self, bar: Bar) -> None:
         self._bar = bar
-        self._count = 0                       # numbers handed out; never reused
-        self._waited = 0                      # what the bar waits for: the newest not ended
-        self._numbers: dict[Hashable, int] = {}
+        self._count = 0                     # numbers handed out; never reused
+        self._newest: Hashable | None = None
 
     def handed(self, key: Hashable) -> int:
         self._count += 1
-        self._numbers[key] = self._waited = self._count
+        self._newest = key
         self._bar.wait_for(self._count)
         return self._count
 
     def ended(self, key: Hashable) -> None:
-        number = self._numbers.pop(key, None)
-        if number is not None and number == self._waited:
-            self._waited = max(self._numbers.values(), default=0)
-            self._bar.wait_for(self._waited)
+        if key == self._newest:
+            self._newest = None
+            self._bar.wait_for(0)

@@ -16,9 +16,10 @@ import os
 import select
 import signal
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Sequence
+from typing import Sequence
 
 import redis
 
@@ -167,13 +168,14 @@ class Waiters:
 
 class Watch:
     """A process that waits on one list, on a connection of its own, and raises the bar
-    (dispatcher.urgent) the moment the list holds anything; then it rests until the loop asks it
-    to watch again (``want()``), after it has lowered the bar.
+    (dispatcher.urgent) the moment the list holds anything; then it rests until the loop has
+    lowered the bar and asks it to watch again.
 
     A process, not a thread: in a busy dispatcher a thread took 0.25 to 1 ms to get the GIL and
     see the push, while children started dozens of short tasks; this process sees it in about
     0.1 to 0.3 ms on two busy cores. It need not wake the loop: the loop is either waiting on
-    every list itself, or about to be woken by the tasks the children hand back.
+    every list itself, or about to be woken by the tasks the children hand back. The loop asks
+    through a pipe, not a lock or an event: a lock held by a killed process is held for good.
     """
 
     def __init__(self, client: redis.Redis, key: str, bar: Bar, ctx: BaseContext) -> None:
@@ -181,9 +183,11 @@ class Watch:
         plain = (str, bytes, int, float, bool, type(None))  # what a new process can be given
         kwargs = {k: v for k, v in pool.connection_kwargs.items() if isinstance(v, plain)}
         self._key = key
+        self._bar = bar
         self._ctx = ctx
-        self._wanted = ctx.Event()
-        self._args = (pool.connection_class, kwargs, key, bar, self._wanted, os.getpid())
+        asks, self._ask = ctx.Pipe(duplex=False)
+        self._args = (pool.connection_class, kwargs, key, bar, asks, os.getpid())
+        self.watching = False  # asked, and the bar not raised since
         self._process = self._new_process()
 
     def _new_process(self) -> BaseProcess:
@@ -191,24 +195,32 @@ class Watch:
         process.start()
         return process
 
-    @property
-    def watching(self) -> bool:
-        return self._wanted.is_set()
-
     def want(self) -> None:
+        """Watch (again); the loop calls this only with the bar down."""
         if not self._process.is_alive():  # killed (the OOM killer, an operator): start another
-            logger.warning("watcher of %s (pid %s) is gone (%s); starting another", self._key,
-                           self._process.pid, self._process.exitcode)
+            logger.warning("watcher of %s (pid %s) is gone (exit code %s); starting another",
+                           self._key, self._process.pid, self._process.exitcode)
             self._process = self._new_process()
-        self._wanted.set()
+        self._ask.send_bytes(b"")
+        self.watching = True
+
+    def lower(self, watch_again: bool) -> None:
+        """The loop has seen the bar raised and dealt with it."""
+        self._bar.lower()
+        self.watching = False
+        if watch_again:
+            self.want()
 
     def close(self) -> None:
         self._process.terminate()
         self._process.join(1.0)
+        self._ask.close()
 
 
-def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, wanted: Any, dispatcher: int) -> None:
-    """The watcher process: while its dispatcher lives, BLMOVE onto itself while wanted.
+def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, asks: Connection,
+           dispatcher: int) -> None:
+    """The watcher process: while its dispatcher lives, for each ask, BLMOVE onto itself until
+    the list holds anything, then raise the bar.
 
     It checks for its dispatcher by pid, not by parent: under forkserver its parent is the fork
     server, which outlives a killed dispatcher for as long as any of its children does.
@@ -216,9 +228,14 @@ def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, wanted: Any
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the dispatcher owns Ctrl-C
     conn = connection_class(**kwargs)
     delay = 0.05
+    asked = False
     while pid_alive(dispatcher):
-        if not wanted.wait(WATCH_BLOCK):
-            continue
+        if not asked:
+            if not asks.poll(WATCH_BLOCK):
+                continue
+            while asks.poll(0):
+                asks.recv_bytes()
+            asked = True
         try:
             conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", WATCH_BLOCK, check_health=False)
             got = conn.read_response()
@@ -230,6 +247,4 @@ def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, wanted: Any
         delay = 0.05
         if got is not None:
             bar.raise_()
-            wanted.clear()
-            if not bar.raised:  # the loop lowered it already: its want() may be the one just
-                wanted.set()    # cleared (watching once too often costs one more round trip)
+            asked = False

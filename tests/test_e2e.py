@@ -139,6 +139,25 @@ def test_a_deep_prefetch_is_refilled_by_halves(start, client, r):
     assert " ERROR " not in proc.log and " WARNING " not in proc.log
 
 
+def test_a_high_task_passes_the_prefetched_ones(start, client, r):
+    """With --prefetch, the tasks waiting in the pool's queue are handed back unrun when a high
+    task is pushed: it starts as soon as the child is free, and they run after it."""
+    proc = start("--procs", "1", "--prefetch", "4")               # 1 running, 4 waiting in the pool
+    lows = [client.enqueue("t.span", 0.4, f"low{i}", priority="low") for i in range(7)]
+    wait_for(lambda: r.llen("dispatcher:low") == 2, 10, what="five taken")
+    pushed = time.time()
+    high = client.enqueue("t.span", 0.05, "high", priority="high").result(timeout=10)
+    spans = [h.result(timeout=30) for h in lows]
+    assert [s["tag"] for s in spans if pushed < s["start"] < high["start"]] == []
+    assert high["start"] - pushed < 0.4 + 0.3                     # only the running one went first
+    assert min(spans, key=lambda s: s["start"])["tag"] == "low0"   # already running at the push
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert "8 completed, 0 failed, 0 retried, 0 dead-lettered, 0 put back" in proc.log
+    assert "0 handed back for high tasks" not in proc.log          # the waiting ones were
+    assert " ERROR " not in proc.log and " WARNING " not in proc.log
+
+
 def test_quick_tasks_go_in_batches_and_a_lost_child_fails_only_its_running_task(start, client, r):
     """With --prefetch, names seen to run for microseconds are sent to a child several at a
     time; a child that dies mid-batch loses only the task it was running."""

@@ -34,6 +34,17 @@ def test_fetch_takes_highest_priority_first_oldest_first_one_token_each(r):
     assert inflight[b"0"] == b"h1" and inflight[b"0:q"] == b"t:high"
 
 
+def test_fetch_of_one_list_takes_high_tasks_only(r):
+    store = make_store(r)
+    store.reconcile("d1", 3)
+    store.push("low", [b"l1"])
+    store.push("high", [b"h1"])
+    got = store.finish_and_fetch("d1", [], 3, lists=1)
+    assert [(f.queue, f.element) for f in got] == [("t:high", b"h1")]
+    assert store.finish_and_fetch("d1", [], 2, lists=1) == -1   # no high task: "nothing waits"
+    assert r.lrange("t:low", 0, -1) == [b"l1"] and r.llen(KEYS.tokens("d1")) == 2
+
+
 def test_fetch_reports_when_nothing_is_waiting(r):
     store = make_store(r)
     store.reconcile("d1", 1)
