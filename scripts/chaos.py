@@ -95,13 +95,13 @@ class Dispatchers:
         return [proc.wait(60) for proc in self.procs_by_slot.values()]
 
 
-def enqueue(url: str, n: int, most_seconds: float) -> list[str]:
-    ids = [f"c{i}" for i in range(n)]
+def enqueue(url: str, ids: list[str], most_seconds: float, priorities: tuple[str, ...]) -> None:
+    """Chunks of 500, taking turns through the priorities."""
     with Client(url) as client:
-        for start in range(0, n, 500):
+        for chunk, start in enumerate(range(0, len(ids), 500)):
             client.enqueue_many([Call("chaos.record", (url, RAN_KEY, i, most_seconds))
-                                 for i in ids[start:start + 500]], result=False)
-    return ids
+                                 for i in ids[start:start + 500]],
+                                priority=priorities[chunk % len(priorities)], result=False)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -111,7 +111,12 @@ def run(args: argparse.Namespace) -> dict:
     r = redis.Redis.from_url(server.url, socket_timeout=5)
     events: list[str] = []
     try:
-        ids = enqueue(server.url, args.n, args.task_seconds)
+        ids = [f"c{i}" for i in range(args.n)]
+        # --highs: that many of them are pushed high, ten at a time, once Redis is back (a push
+        # just before its SIGKILL could be lost with the last second of its AOF, not by us)
+        highs = ids[args.n - args.highs:]
+        enqueue(server.url, ids[:args.n - args.highs], args.task_seconds,
+                ("normal", "low") if args.highs else ("normal",))
         time.sleep(1.2)  # past one AOF fsync: the enqueued tasks are on disk before chaos starts
         dispatchers = Dispatchers(server.url, workdir, args.procs, args.prefetch, args.log_level)
         for slot in (0, 1):
@@ -138,6 +143,9 @@ def run(args: argparse.Namespace) -> dict:
                 server.restart()
                 redis_restarted = True
                 events.append("redis restarted")
+            elif redis_restarted and highs:
+                enqueue(server.url, highs[:10], args.task_seconds, ("high",))
+                del highs[:10]
             elif kill_points and done is not None and done >= kill_points[0]:
                 kill_points.pop(0)
                 events.append(f"at {done} done: " + _kill_something(rng, dispatchers))
@@ -195,9 +203,14 @@ def main() -> int:
     parser.add_argument("--redis-down", type=float, default=2.0, help="seconds Redis stays down (default 2)")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
     parser.add_argument("--stall", type=float, default=60, help="give up after this long without progress")
+    parser.add_argument("--highs", type=int, default=0,
+                        help="of the N, push this many as high tasks during the run (the rest "
+                             "normal and low); default 0, all normal")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args()
+    if not 0 <= args.highs <= args.n:
+        parser.error("--highs must be between 0 and -n")
     summary = run(args)
     if args.json:
         print(json.dumps(summary, indent=2))
