@@ -32,7 +32,7 @@ from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
-from dispatcher.urgent import Bar, HighTasks, Yielded
+from dispatcher.urgent import Bar, HighTasks, YieldedToHighTask
 from dispatcher.waiters import Waiters, Wakeup, Watch
 from dispatcher.warmup import WarmUp
 from worker_pool import Call, JobEnd, NotStarted, WorkerPool
@@ -215,6 +215,8 @@ class Dispatcher:
             self._warm_up = None
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
+        if self._watch is not None:
+            self._watch.check(time.monotonic())
         free = self.settings.slots - len(self._running)
         raised = self._bar.raised  # a high task waits in Redis: fetch it, and only it, at once
         if free < (1 if raised else self.settings.refill_at):  # a finishing task wakes us
@@ -263,7 +265,11 @@ class Dispatcher:
             return None
         self._running[fetched.slot] = Running(task, spec, fetched)
         logger.debug("start %s %s slot=%d attempt=%d", task.name, task.id, fetched.slot, task.attempt)
-        high = self._highs.handed(fetched.slot) if fetched.queue == self._high else 0
+        high = 0  # run()'s mark: 0 for a task that is not high, -1 for a high one, or its number
+        if fetched.queue == self._high:  # if it waits behind others in the pool, they are handed
+            high = -1                    # back until a child takes it: it needs a number
+            if self._watch is not None and len(self._running) > self.settings.procs:
+                high = self._highs.handed(fetched.slot)
         call = Call(fetched.slot, run,
                     (task.name, task.args, kwargs, task.id, task.codec,
                      bool(task.want_result or task.reply_to), high),
@@ -297,7 +303,7 @@ class Dispatcher:
                                   time_limit=time_limit, soft_time_limit=call.soft_time_limit)
             elif batch:
                 logger.debug("batch of %d: slots %s", len(batch), [call.key for call in batch])
-                self._pool.submit_batch(batch, on_end=self._on_end)
+                self._pool.submit_batch(_marked(batch), on_end=self._on_end)
         except Exception as exc:  # a bug: bad input is refused before this. Park, never strand a slot
             logger.exception("could not hand %d task(s) to the worker pool: dead letters", len(batch))
             now = time.time()
@@ -331,7 +337,7 @@ class Dispatcher:
                 self.counters.requeued += 1            # it never ran, so back to Redis, uncounted
                 put_back.append(outcomes.requeue_item(end.key))
                 continue
-            if end.error_type == Yielded.__name__:     # a high task waits: this one goes back to
+            if end.error_type == YieldedToHighTask.__name__:     # a high task waits: this one goes back to
                 self.counters.yielded += 1             # the head of its list, unrun, uncounted
                 logger.debug("handed back %s %s for a high task", running.task.name, running.task.id)
                 put_back.append(outcomes.requeue_item(end.key))
@@ -444,6 +450,18 @@ class Dispatcher:
                                  "%s puts its tasks back", len(self._pending), exc, self.id)
                     return
                 time.sleep(0.2)
+
+
+def _marked(batch: list[Call]) -> list[Call]:
+    """A batch's first call carries the number of the newest high task in the batch (the mark
+    is the last of run()'s arguments; fetches put high tasks first, so a batch that holds any
+    starts with one). The child takes them all at once: the tasks queued behind must
+    not wait until it reaches the last of them, which a slow call before it could delay for good."""
+    newest = max(call.args[-1] for call in batch)
+    if newest <= max(0, batch[0].args[-1]):
+        return batch
+    first = batch[0]
+    return [first._replace(args=(*first.args[:-1], newest)), *batch[1:]]
 
 
 def _first(task_value: Any, spec_value: Any, default: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 from dispatcher.codec import encode
 from dispatcher.registry import registry
-from dispatcher.urgent import Bar, Yielded
+from dispatcher.urgent import Bar, YieldedToHighTask
 
 # This child's view of the dispatcher's bar (dispatcher.urgent), given by init_child.
 _bar: Bar | None = None
@@ -40,14 +40,14 @@ def run(name: str, args: tuple, kwargs: dict, task_id: str, codec: str, want_rep
         high: int = 0) -> bytes | None:
     """Run one task; returns the encoded "ok" reply when someone asked for it.
 
-    ``high`` is a high task's number (dispatcher.urgent), 0 for any other task: such a task is
-    handed back unrun (Yielded) while a high one waits.
+    ``high`` is 0 for a task that is not high: it is handed back unrun (YieldedToHighTask) while
+    a high one waits. A high task's is -1, or its number if others wait for it (dispatcher.urgent).
     """
     if _bar is not None:
-        if high:
+        if high > 0:
             _bar.taken(high)
-        elif _bar.must_yield():
-            raise Yielded(f"{name} {task_id} handed back: a high task waits")
+        elif not high and _bar.must_yield():
+            raise YieldedToHighTask(f"{name} {task_id} handed back: a high task waits")
     value = registry.get(name).fn(*args, **kwargs)
     if not want_reply:
         return None

@@ -33,6 +33,7 @@ BLOCK_SECONDS = 5  # one BLMOVE's block; a reply overdue by LATE more means the 
 LATE = 5.0
 WATCH_BACKOFF = 2.0  # longest pause of the watcher between tries while Redis is unreachable
 WATCH_BLOCK = 1      # the watcher's longest wait before it checks that its dispatcher lives
+CHECK_EVERY = 1.0    # how often the loop checks that its watcher lives
 
 
 class Wakeup:
@@ -173,9 +174,11 @@ class Watch:
 
     A process, not a thread: in a busy dispatcher a thread took 0.25 to 1 ms to get the GIL and
     see the push, while children started dozens of short tasks; this process sees it in about
-    0.1 to 0.3 ms on two busy cores. It need not wake the loop: the loop is either waiting on
-    every list itself, or about to be woken by the tasks the children hand back. The loop asks
-    through a pipe, not a lock or an event: a lock held by a killed process is held for good.
+    0.1 to 0.3 ms on two busy cores. It does not wake the loop, which sees the bar on its next
+    turn: a loop with free slots and nothing to fetch waits on every list itself, and one with
+    tasks queued in the pool is woken by the first of them a child hands back (or by any task's
+    end). The loop asks through a pipe, not a lock or an event: a lock held by a killed process
+    is held for good.
     """
 
     def __init__(self, client: redis.Redis, key: str, bar: Bar, ctx: BaseContext) -> None:
@@ -185,10 +188,11 @@ class Watch:
         self._key = key
         self._bar = bar
         self._ctx = ctx
-        asks, self._ask = ctx.Pipe(duplex=False)
-        self._args = (pool.connection_class, kwargs, key, bar, asks, os.getpid())
+        self._asks, self._ask = ctx.Pipe(duplex=False)
+        self._args = (pool.connection_class, kwargs, key, bar, self._asks, os.getpid())
         self.watching = False  # asked, and the bar not raised since
         self._process = self._new_process()
+        self._next_check = time.monotonic() + CHECK_EVERY
 
     def _new_process(self) -> BaseProcess:
         process = self._ctx.Process(target=_watch, args=self._args, name=f"watch {self._key}", daemon=True)
@@ -197,12 +201,26 @@ class Watch:
 
     def want(self) -> None:
         """Watch (again); the loop calls this only with the bar down."""
-        if not self._process.is_alive():  # killed (the OOM killer, an operator): start another
-            logger.warning("watcher of %s (pid %s) is gone (exit code %s); starting another",
-                           self._key, self._process.pid, self._process.exitcode)
-            self._process = self._new_process()
+        self._replace_if_gone()
         self._ask.send_bytes(b"")
         self.watching = True
+
+    def check(self, now: float) -> None:
+        """Called by the loop every turn; at most once a second, replace a watcher that died."""
+        if now >= self._next_check:
+            self._next_check = now + CHECK_EVERY
+            if self._replace_if_gone() and self.watching:
+                self._ask.send_bytes(b"")
+
+    def _replace_if_gone(self) -> bool:
+        if self._process.is_alive():
+            return False
+        # Killed (the OOM killer, an operator): without it, high tasks would silently stop
+        # passing the prefetch
+        logger.warning("watcher of %s (pid %s) is gone (exit code %s); starting another",
+                       self._key, self._process.pid, self._process.exitcode)
+        self._process = self._new_process()
+        return True
 
     def lower(self, watch_again: bool) -> None:
         """The loop has seen the bar raised and dealt with it."""
@@ -214,7 +232,11 @@ class Watch:
     def close(self) -> None:
         self._process.terminate()
         self._process.join(1.0)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(1.0)
         self._ask.close()
+        self._asks.close()
 
 
 def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, asks: Connection,
@@ -226,6 +248,7 @@ def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, asks: Conne
     server, which outlives a killed dispatcher for as long as any of its children does.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the dispatcher owns Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked one inherits the dispatcher's handler
     conn = connection_class(**kwargs)
     delay = 0.05
     asked = False

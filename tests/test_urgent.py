@@ -8,8 +8,11 @@ import signal
 
 import pytest
 
+from dispatcher.dispatcher import _marked
+from dispatcher.execute import run
 from dispatcher.store import connect
 from dispatcher.urgent import Bar, HighTasks
+from worker_pool import Call
 from dispatcher.waiters import Watch, _watch
 from procs import wait_for
 
@@ -57,12 +60,43 @@ def test_the_watcher_raises_the_bar_once_per_ask_and_is_replaced_if_killed(redis
         assert r.lrange("t:high", 0, -1) == [b"h1"]           # nothing consumed
         watch.lower(watch_again=False)
         assert not watch.watching
-        os.kill(watch._process.pid, signal.SIGKILL)
-        watch._process.join(5)
+        _kill(watch)
         watch.lower(watch_again=True)                          # a new watcher, which sees h1 at once
         wait_for(lambda: bar.raised, 10, what="the bar raised by the new watcher")
+        r.delete("t:high")
+        watch.lower(watch_again=True)
+        wait_for(lambda: _blocked(r), 10, what="the watcher blocked on the list")
+        _kill(watch)                                           # killed while watching: the loop's
+        watch.check(float("inf"))                              # turn replaces it, and asks again
+        r.lpush("t:high", b"h2")
+        wait_for(lambda: bar.raised, 10, what="the bar raised by the third watcher")
     finally:
         watch.close()
+
+
+def _blocked(r) -> bool:
+    return any(c["cmd"] == "blmove" for c in r.client_list())
+
+
+def _kill(watch: Watch) -> None:
+    os.kill(watch._process.pid, signal.SIGKILL)
+    watch._process.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_watcher_ends_on_sigterm_though_it_inherits_a_handler(redis_url, r):
+    ctx = multiprocessing.get_context("fork")
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as the dispatcher's
+    try:
+        watch = Watch(connect(redis_url, retries=0), "t:high", Bar(ctx, slots=3), ctx)
+        watch.want()
+        wait_for(lambda: _blocked(r), 10, what="the watcher blocked on the list")
+        watch._process.terminate()                  # what multiprocessing does at exit, too
+        watch._process.join(5)
+        assert not watch._process.is_alive()
+        watch.close()
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_the_watcher_process_ends_when_its_dispatcher_is_gone():
@@ -74,3 +108,15 @@ def test_the_watcher_process_ends_when_its_dispatcher_is_gone():
     # Returns at once, having opened no connection (nothing listens on port 1)
     _watch(type(connect("redis://127.0.0.1:1/0").connection_pool.make_connection()),
            {"host": "127.0.0.1", "port": 1}, "t:high", Bar(CTX, 1), asks, gone.pid)
+
+
+def test_a_batch_marks_its_newest_high_task_when_its_child_takes_it():
+    def call(slot: int, high: int) -> Call:
+        return Call(slot, run, ("t.x", (), {}, f"id{slot}", "json", False, high))
+    batch = [call(0, 4), call(1, 5), call(2, 0)]                # high 4 and 5, then a low task
+    marked = _marked(batch)
+    assert [c.args[-1] for c in marked] == [5, 5, 0] and marked[1:] == batch[1:]
+    assert _marked(batch[2:]) == batch[2:]                      # nothing high: unchanged
+    unnumbered = [call(0, -1), call(1, 0)]                      # high with nothing waiting for it
+    assert _marked(unnumbered) == unnumbered
+    assert [c.args[-1] for c in _marked([call(0, -1), call(1, 7)])] == [7, 7]
