@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 
@@ -32,7 +32,7 @@ from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
-from dispatcher.urgent import Bar, HighTasks, YieldedToHighTask
+from dispatcher.urgent import HighLane, YieldedToHighTask, marked
 from dispatcher.waiters import Waiters, Wakeup, Watch
 from dispatcher.warmup import WarmUp
 from worker_pool import Call, JobEnd, NotStarted, WorkerPool
@@ -96,11 +96,8 @@ class Dispatcher:
         self._waiters = Waiters(client, [*store.keys.queues, store.keys.wake], self._wakeup)
         self._heartbeat: Heartbeat | None = None
         # High tasks first, past tasks already in the pool's queue (dispatcher.urgent)
-        self._high = store.keys.queue("high")
         self._context = multiprocessing.get_context(settings.start_method)
-        self._bar = Bar(self._context, settings.slots)
-        self._highs = HighTasks(self._bar)
-        self._watch: Watch | None = None
+        self._lane = HighLane(self._context, settings.slots, settings.procs, store.keys.queue("high"))
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -134,12 +131,12 @@ class Dispatcher:
 
     def _start_workers(self, info: dict[str, Any]) -> None:
         self._pool = WorkerPool(self.settings.procs, initializer=init_child,
-                                initargs=(self.settings.task_modules, self._bar),
+                                initargs=(self.settings.task_modules, self._lane.bar),
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
         self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
         if self.settings.prefetch:  # without a prefetch no task waits in the pool to be passed
-            self._watch = Watch(self.client, self._high, self._bar, self._context)
+            self._lane.watch = Watch(self.client, self.store.keys.queue("high"), self._lane.bar, self._context)
         self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
@@ -215,10 +212,10 @@ class Dispatcher:
             self._warm_up = None
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
-        if self._watch is not None:
-            self._watch.check(time.monotonic())
+        if self._lane.watch is not None:
+            self._lane.watch.check(time.monotonic())
         free = self.settings.slots - len(self._running)
-        raised = self._bar.raised  # a high task waits in Redis: fetch it, and only it, at once
+        raised = self._lane.raised
         if free < (1 if raised else self.settings.refill_at):  # a finishing task wakes us
             self._flush()
             return IDLE_WAIT
@@ -226,7 +223,7 @@ class Dispatcher:
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
         if isinstance(got, int) and raised:  # no high task left there
-            self._watch.lower(watch_again=self._holding_others())
+            self._lane.after_fetch(raised, [], most, self._held)
             if got != -2:
                 return 0  # fetch the others now
         if isinstance(got, int):
@@ -238,11 +235,7 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
-        if raised and len(got) < most:  # no high task left there. Lowered only now that the bar
-            self._watch.lower(watch_again=self._holding_others())  # waits for those just handed
-        if (not raised and self._watch is not None and not self._watch.watching
-                and any(f.queue != self._high for f in got)):
-            self._watch.want()
+        self._lane.after_fetch(raised, [fetched.queue for fetched in got], most, self._held)
         # Come back at once only for work: another fetch (a short one means the lists may be
         # empty, and the next arms the waiters) or outcomes to write (dead letters). A job that
         # ends meanwhile wakes the loop anyway.
@@ -265,11 +258,7 @@ class Dispatcher:
             return None
         self._running[fetched.slot] = Running(task, spec, fetched)
         logger.debug("start %s %s slot=%d attempt=%d", task.name, task.id, fetched.slot, task.attempt)
-        high = 0  # run()'s mark: 0 for a task that is not high, -1 for a high one, or its number
-        if fetched.queue == self._high:  # if it waits behind others in the pool, they are handed
-            high = -1                    # back until a child takes it: it needs a number
-            if self._watch is not None and len(self._running) > self.settings.procs:
-                high = self._highs.handed(fetched.slot)
+        high = self._lane.mark(fetched.slot, fetched.queue, len(self._running))
         call = Call(fetched.slot, run,
                     (task.name, task.args, kwargs, task.id, task.codec,
                      bool(task.want_result or task.reply_to), high),
@@ -303,20 +292,20 @@ class Dispatcher:
                                   time_limit=time_limit, soft_time_limit=call.soft_time_limit)
             elif batch:
                 logger.debug("batch of %d: slots %s", len(batch), [call.key for call in batch])
-                self._pool.submit_batch(_marked(batch), on_end=self._on_end)
+                self._pool.submit_batch(marked(batch), on_end=self._on_end)
         except Exception as exc:  # a bug: bad input is refused before this. Park, never strand a slot
             logger.exception("could not hand %d task(s) to the worker pool: dead letters", len(batch))
             now = time.time()
             for call in batch:
                 self._running.pop(call.key, None)
-                self._highs.ended(call.key)
+                self._lane.ended(call.key)
                 self._pending.append(outcomes.invalid_item(
                     call.key, f"could not be handed to the worker pool: {exc!r}", self.store.keys, now))
                 self.counters.dead += 1
 
-    def _holding_others(self) -> bool:
-        """Does this dispatcher hold any task that a high one could pass?"""
-        return any(r.fetched.queue != self._high for r in self._running.values())
+    def _held(self) -> Iterator[str]:
+        """The lists the tasks this dispatcher holds came from."""
+        return (running.fetched.queue for running in self._running.values())
 
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
@@ -332,7 +321,7 @@ class Dispatcher:
             if running is None:
                 logger.error("job end for unknown slot %r ignored", end.key)
                 continue
-            self._highs.ended(end.key)
+            self._lane.ended(end.key)
             if end.error_type == NotStarted.__name__:  # its batch's child was lost, the pool closing:
                 self.counters.requeued += 1            # it never ran, so back to Redis, uncounted
                 put_back.append(outcomes.requeue_item(end.key))
@@ -396,8 +385,7 @@ class Dispatcher:
         else:
             outage.delay = min(BACKOFF_MAX, outage.delay * 2)
         self._needs_reconcile = True
-        if self._bar.raised:  # no fetch can take the high task now: let the children run the rest
-            self._watch.lower(watch_again=self._holding_others())
+        self._lane.give_up(self._held)
         return outage.delay
 
     def _redis_back(self) -> None:
@@ -412,8 +400,8 @@ class Dispatcher:
         """Let running tasks finish until the grace deadline (or a second signal), put the rest back."""
         self._signals_acted_on = signals_at_stop = max(self._signals, 1)
         self._waiters.close()
-        if self._watch is not None:
-            self._watch.close()
+        if self._lane.watch is not None:
+            self._lane.watch.close()
         if self._pool is None:
             self._wakeup.close()
             return
@@ -450,18 +438,6 @@ class Dispatcher:
                                  "%s puts its tasks back", len(self._pending), exc, self.id)
                     return
                 time.sleep(0.2)
-
-
-def _marked(batch: list[Call]) -> list[Call]:
-    """A batch's first call carries the number of the newest high task in the batch (the mark
-    is the last of run()'s arguments; fetches put high tasks first, so a batch that holds any
-    starts with one). The child takes them all at once: the tasks queued behind must
-    not wait until it reaches the last of them, which a slow call before it could delay for good."""
-    newest = max(call.args[-1] for call in batch)
-    if newest <= max(0, batch[0].args[-1]):
-        return batch
-    first = batch[0]
-    return [first._replace(args=(*first.args[:-1], newest)), *batch[1:]]
 
 
 def _first(task_value: Any, spec_value: Any, default: Any) -> Any:

@@ -22,8 +22,11 @@ way to a child when the watcher sees the push, 0.1 to 0.3 ms after it on two bus
 """
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 from multiprocessing.context import BaseContext
+from typing import Protocol
+
+from worker_pool import Call
 
 RAISED, WAIT_FOR, TAKEN = range(3)  # the shared values; TAKEN is where the ring of marks starts
 
@@ -77,26 +80,83 @@ class Bar:
         self._values[WAIT_FOR] = number
 
 
-class HighTasks:
-    """The loop's record of the high tasks it hands to the pool: the bar waits for the newest.
+class Watcher(Protocol):
+    """What the lane needs of its watcher (``waiters.Watch``; it lives there, with Redis)."""
 
-    The pool's queue is first in, first out, so once a child has taken the newest, every high
-    task before it has been taken too. When the newest ends, however it ends (a lost child,
-    too), the bar waits for none: one that never reached a child cannot hold the others back.
+    watching: bool
+
+    def want(self) -> None: ...
+    def lower(self, watch_again: bool) -> None: ...
+    def check(self, now: float) -> None: ...
+    def close(self) -> None: ...
+
+
+class HighLane:
+    """The loop's side: the bar, the numbers of the high tasks it hands to the pool, and the
+    watcher (None without --prefetch: then no task waits in the pool to be passed).
+
+    The bar waits for the newest high task that waits behind others in the pool. The queue is
+    first in, first out, so once a child has taken that one, every high task before it has been
+    taken too. When it ends, however it ends (a lost child, too), the bar waits for none: one
+    that never reached a child cannot hold the others back.
     """
 
-    def __init__(self, bar: Bar) -> None:
-        self._bar = bar
+    def __init__(self, ctx: BaseContext, slots: int, procs: int, high_queue: str) -> None:
+        self.bar = Bar(ctx, slots)
+        self.watch: Watcher | None = None  # set once the pool runs
+        self._procs = procs
+        self._high = high_queue
         self._count = 0                     # numbers handed out; never reused
         self._newest: Hashable | None = None
 
-    def handed(self, key: Hashable) -> int:
+    @property
+    def raised(self) -> bool:
+        """A high task waits in Redis: the loop fetches it, and only it, for any free slot."""
+        return self.bar.raised
+
+    def mark(self, key: Hashable, queue: str, in_pool: int) -> int:
+        """run()'s last argument for a task the loop hands to the pool (``in_pool`` counts it):
+        0 for a task that is not high, -1 for a high one that need not wait, else its number."""
+        if queue != self._high:
+            return 0
+        if self.watch is None or in_pool <= self._procs:
+            return -1  # it starts at once (or the next task is taken after it anyway)
         self._count += 1
         self._newest = key
-        self._bar.wait_for(self._count)
+        self.bar.wait_for(self._count)
         return self._count
 
     def ended(self, key: Hashable) -> None:
         if key == self._newest:
             self._newest = None
-            self._bar.wait_for(0)
+            self.bar.wait_for(0)
+
+    def after_fetch(self, raised: bool, queues: list[str], most: int, held: Callable[[], Iterable[str]]) -> None:
+        """After a fetch, once its tasks are in the pool (so the bar already waits for its high
+        tasks): lower the bar if no high task is left in Redis; ask the watcher to watch while
+        we hold tasks a high one could pass. ``queues``: where each task taken came from."""
+        watch = self.watch
+        if watch is None:
+            return
+        if raised:
+            if len(queues) < most:
+                watch.lower(watch_again=any(queue != self._high for queue in held()))
+        elif not watch.watching and any(queue != self._high for queue in queues):
+            watch.want()
+
+    def give_up(self, held: Callable[[], Iterable[str]]) -> None:
+        """Redis is unreachable: no fetch can take the high task, so let the children run the rest."""
+        if self.watch is not None and self.raised:
+            self.watch.lower(watch_again=any(queue != self._high for queue in held()))
+
+
+def marked(batch: list[Call]) -> list[Call]:
+    """A batch's first call carries the mark of the newest high task in the batch (the mark is
+    the last of run()'s arguments; fetches put high tasks first, so a batch that holds any starts
+    with one). The child takes them all at once: the tasks queued behind must not wait until it
+    reaches the last of them, which a slow call before it could delay for good."""
+    newest = max(call.args[-1] for call in batch)
+    if newest <= max(0, batch[0].args[-1]):
+        return batch
+    first = batch[0]
+    return [first._replace(args=(*first.args[:-1], newest)), *batch[1:]]

@@ -8,10 +8,9 @@ import signal
 
 import pytest
 
-from dispatcher.dispatcher import _marked
 from dispatcher.execute import run
 from dispatcher.store import connect
-from dispatcher.urgent import Bar, HighTasks
+from dispatcher.urgent import Bar, HighLane, marked
 from worker_pool import Call
 from dispatcher.waiters import Watch, _watch
 from procs import wait_for
@@ -19,34 +18,52 @@ from procs import wait_for
 CTX = multiprocessing.get_context("forkserver")
 
 
+class _Watcher:
+    watching = False
+
+
+def _lane(procs: int = 1) -> HighLane:
+    lane = HighLane(CTX, slots=3, procs=procs, high_queue="t:high")
+    lane.watch = _Watcher()  # as with --prefetch
+    return lane
+
+
 def test_the_bar_holds_other_tasks_while_a_high_one_waits_in_redis_or_in_the_pool():
-    bar = Bar(CTX, slots=3)
+    lane = _lane()
+    bar = lane.bar
     assert not bar.must_yield()
     bar.raise_()
-    assert bar.raised and bar.must_yield()
+    assert lane.raised and bar.must_yield()
     bar.lower()
-    highs = HighTasks(bar)
-    assert highs.handed("a") == 1 and highs.handed("b") == 2
+    assert lane.mark("a", "t:high", in_pool=2) == 1 and lane.mark("b", "t:high", in_pool=3) == 2
     assert bar.must_yield()                     # the newest, b, not taken yet
     bar.taken(2)
     bar.taken(1)                                # taken out of order by another child: no matter
     assert not bar.must_yield()
-    highs.handed("c")
+    lane.mark("c", "t:high", in_pool=3)
     bar.taken(3 + 8)                            # a mark in the same place of the ring, not c's
     assert bar.must_yield()
 
 
+def test_only_a_high_task_that_waits_behind_others_holds_them_back():
+    lane = _lane(procs=2)
+    assert lane.mark("x", "t:low", in_pool=9) == 0
+    assert lane.mark("a", "t:high", in_pool=2) == -1        # a child is free for it
+    assert not lane.bar.must_yield()
+    lane.watch = None                                       # --prefetch 0: nothing is ever queued
+    assert lane.mark("b", "t:high", in_pool=9) == -1 and not lane.bar.must_yield()
+
+
 def test_a_high_task_that_ends_untaken_holds_nothing_back_and_numbers_are_never_reused():
-    bar = Bar(CTX, slots=3)
-    highs = HighTasks(bar)
-    highs.handed("a")
-    highs.handed("b")                           # lost with its child, never taken
-    highs.ended("a")                            # not the newest: b is still waited for
-    assert bar.must_yield()
-    highs.ended("b")
-    assert not bar.must_yield()
-    highs.ended("unknown")
-    assert highs.handed("a") == 3 and bar.must_yield()
+    lane = _lane()
+    lane.mark("a", "t:high", in_pool=2)
+    lane.mark("b", "t:high", in_pool=3)         # lost with its child, never taken
+    lane.ended("a")                             # not the newest: b is still waited for
+    assert lane.bar.must_yield()
+    lane.ended("b")
+    assert not lane.bar.must_yield()
+    lane.ended("unknown")
+    assert lane.mark("a", "t:high", in_pool=2) == 3 and lane.bar.must_yield()
 
 
 @pytest.mark.timeout(30)
@@ -114,9 +131,9 @@ def test_a_batch_marks_its_newest_high_task_when_its_child_takes_it():
     def call(slot: int, high: int) -> Call:
         return Call(slot, run, ("t.x", (), {}, f"id{slot}", "json", False, high))
     batch = [call(0, 4), call(1, 5), call(2, 0)]                # high 4 and 5, then a low task
-    marked = _marked(batch)
-    assert [c.args[-1] for c in marked] == [5, 5, 0] and marked[1:] == batch[1:]
-    assert _marked(batch[2:]) == batch[2:]                      # nothing high: unchanged
+    first = marked(batch)
+    assert [c.args[-1] for c in first] == [5, 5, 0] and first[1:] == batch[1:]
+    assert marked(batch[2:]) == batch[2:]                      # nothing high: unchanged
     unnumbered = [call(0, -1), call(1, 0)]                      # high with nothing waiting for it
-    assert _marked(unnumbered) == unnumbered
-    assert [c.args[-1] for c in _marked([call(0, -1), call(1, 7)])] == [7, 7]
+    assert marked(unnumbered) == unnumbered
+    assert [c.args[-1] for c in marked([call(0, -1), call(1, 7)])] == [7, 7]
