@@ -136,7 +136,8 @@ class Dispatcher:
                                 kill_grace=self.settings.kill_grace)
         self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
         if self.settings.prefetch:  # without a prefetch no task waits in the pool to be passed
-            self._lane.watch = Watch(self.client, self.store.keys.queue("high"), self._lane.bar, self._context)
+            self._lane.watch = Watch(self.client, self.store.keys.queue("high"), self._lane.bar,
+                                     self._context)
         self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
@@ -326,8 +327,9 @@ class Dispatcher:
                 self.counters.requeued += 1            # it never ran, so back to Redis, uncounted
                 put_back.append(outcomes.requeue_item(end.key))
                 continue
-            if end.error_type == YieldedToHighTask.__name__:     # a high task waits: this one goes back to
-                self.counters.yielded += 1             # the head of its list, unrun, uncounted
+            if end.error_type == YieldedToHighTask.__name__:  # a high task waits: this one goes
+                self.counters.yielded += 1                     # back to the head of its list,
+                self._lane.handed_back()                       # unrun, uncounted
                 logger.debug("handed back %s %s for a high task", running.task.name, running.task.id)
                 put_back.append(outcomes.requeue_item(end.key))
                 continue

@@ -22,11 +22,21 @@ way to a child when the watcher sees the push, 0.1 to 0.3 ms after it on two bus
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Hashable, Iterable
 from multiprocessing.context import BaseContext
 from typing import Protocol
 
 from worker_pool import Call
+
+logger = logging.getLogger(__name__)
+
+# A task handed back costs the loop, Redis and a child about what a short task costs. With
+# high tasks pushed often among short ones, every push would hand back the whole prefetch: past
+# this many a second, the lane pauses until the second is over, and high tasks wait their turn
+# in the pool like the others. Slow tasks are handed back far more rarely than that.
+HAND_BACK_BUDGET = 500
 
 RAISED, WAIT_FOR, TAKEN = range(3)  # the shared values; TAKEN is where the ring of marks starts
 
@@ -39,11 +49,12 @@ class Bar:
     """The shared part: set up before the pool starts, handed to each child by its initializer.
 
     RAISED is written by the dispatcher's side only: its watcher raises it, then waits to be
-    asked again, which the loop does only after lowering it, so the two never race. WAIT_FOR, the number of the newest high task in the pool that has not ended, is written by
-    the loop only. A child taking high task n writes n in mark n % size of a ring. No value has
-    two writers that could race, so no lock: a lock held by a child killed mid-task would stop
-    every other child for good. The ring is more than twice as long as the pool's queue, so the
-    mark of a task still in it is never overwritten.
+    asked again, which the loop does only after lowering it, so the two never race. WAIT_FOR,
+    the number of the high task the bar waits for (0: none), is written by the loop only. A
+    child taking high task n writes n in mark n % size of a ring. No value has two writers that
+    could race, so no lock: a lock held by a child killed mid-task would stop every other child
+    for good. The ring is more than twice as long as the pool's queue, so the mark of a task
+    still in it is never overwritten.
     """
 
     def __init__(self, ctx: BaseContext, slots: int) -> None:
@@ -108,6 +119,8 @@ class HighLane:
         self._high = high_queue
         self._count = 0                     # numbers handed out; never reused
         self._newest: Hashable | None = None
+        self._window_end = 0.0              # the current second of the hand-back budget
+        self._handed_back = 0               # tasks handed back in it
 
     @property
     def raised(self) -> bool:
@@ -119,7 +132,7 @@ class HighLane:
         0 for a task that is not high, -1 for a high one that need not wait, else its number."""
         if queue != self._high:
             return 0
-        if self.watch is None or in_pool <= self._procs:
+        if self.watch is None or in_pool <= self._procs or self._paused():
             return -1  # it starts at once (or the next task is taken after it anyway)
         self._count += 1
         self._newest = key
@@ -131,7 +144,21 @@ class HighLane:
             self._newest = None
             self.bar.wait_for(0)
 
-    def after_fetch(self, raised: bool, queues: list[str], most: int, held: Callable[[], Iterable[str]]) -> None:
+    def handed_back(self) -> None:
+        """A task came back unrun: count it against the budget."""
+        now = time.monotonic()
+        if now >= self._window_end:
+            self._window_end, self._handed_back = now + 1.0, 0
+        self._handed_back += 1
+        if self._handed_back == HAND_BACK_BUDGET:
+            logger.debug("%d tasks handed back for high ones this second: high tasks wait their "
+                         "turn in the pool until it is over", HAND_BACK_BUDGET)
+
+    def _paused(self) -> bool:
+        return self._handed_back >= HAND_BACK_BUDGET and time.monotonic() < self._window_end
+
+    def after_fetch(self, raised: bool, queues: list[str], most: int,
+                    held: Callable[[], Iterable[str]]) -> None:
         """After a fetch, once its tasks are in the pool (so the bar already waits for its high
         tasks): lower the bar if no high task is left in Redis; ask the watcher to watch while
         we hold tasks a high one could pass. ``queues``: where each task taken came from."""
@@ -140,14 +167,18 @@ class HighLane:
             return
         if raised:
             if len(queues) < most:
-                watch.lower(watch_again=any(queue != self._high for queue in held()))
-        elif not watch.watching and any(queue != self._high for queue in queues):
+                watch.lower(watch_again=self._worth_watching(held()))
+        elif not watch.watching and self._worth_watching(queues):
             watch.want()
 
     def give_up(self, held: Callable[[], Iterable[str]]) -> None:
         """Redis is unreachable: no fetch can take the high task, so let the children run the rest."""
         if self.watch is not None and self.raised:
-            self.watch.lower(watch_again=any(queue != self._high for queue in held()))
+            self.watch.lower(watch_again=self._worth_watching(held()))
+
+    def _worth_watching(self, queues: Iterable[str]) -> bool:
+        """Not paused, and some of these tasks (those we hold) could be passed by a high one."""
+        return not self._paused() and any(queue != self._high for queue in queues)
 
 
 def marked(batch: list[Call]) -> list[Call]:

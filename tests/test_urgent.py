@@ -10,7 +10,8 @@ import pytest
 
 from dispatcher.execute import run
 from dispatcher.store import connect
-from dispatcher.urgent import Bar, HighLane, marked
+from dispatcher import urgent
+from dispatcher.urgent import HAND_BACK_BUDGET, Bar, HighLane, marked
 from worker_pool import Call
 from dispatcher.waiters import Watch, _watch
 from procs import wait_for
@@ -19,7 +20,13 @@ CTX = multiprocessing.get_context("forkserver")
 
 
 class _Watcher:
-    watching = False
+    def __init__(self) -> None:
+        self.watching = False
+        self.asked = 0
+
+    def want(self) -> None:
+        self.asked += 1
+        self.watching = True
 
 
 def _lane(procs: int = 1) -> HighLane:
@@ -137,3 +144,21 @@ def test_a_batch_marks_its_newest_high_task_when_its_child_takes_it():
     unnumbered = [call(0, -1), call(1, 0)]                      # high with nothing waiting for it
     assert marked(unnumbered) == unnumbered
     assert [c.args[-1] for c in marked([call(0, -1), call(1, 7)])] == [7, 7]
+
+
+def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(urgent.time, "monotonic", lambda: clock[0])
+    lane = _lane()
+    lane.after_fetch(False, ["t:low"], 5, lambda: [])
+    assert lane.watch.asked == 1                                # it holds a low task: watch
+    lane.watch.watching = False                                 # (the watcher fired since)
+    for _ in range(HAND_BACK_BUDGET):
+        lane.handed_back()
+    assert lane.mark("a", "t:high", in_pool=5) == -1            # paused: nothing waits for it
+    lane.after_fetch(False, ["t:low"], 5, lambda: [])
+    assert lane.watch.asked == 1
+    clock[0] += 1.0                                             # the second is over
+    assert lane.mark("b", "t:high", in_pool=5) > 0
+    lane.after_fetch(False, ["t:low"], 5, lambda: [])
+    assert lane.watch.asked == 2
