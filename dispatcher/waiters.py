@@ -254,10 +254,13 @@ def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, asks: Conne
     asked = False
     while pid_alive(dispatcher):
         if not asked:
-            if not asks.poll(WATCH_BLOCK):
-                continue
-            while asks.poll(0):
-                asks.recv_bytes()
+            try:
+                if not asks.poll(WATCH_BLOCK):
+                    continue
+                while asks.poll(0):
+                    asks.recv_bytes()
+            except (EOFError, OSError):
+                return  # no one can ask any more: the dispatcher closed its end, or died
             asked = True
         try:
             conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", WATCH_BLOCK, check_health=False)

@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> dict:
             dispatchers.start(slot)
         # the K kills and the Redis restart fire when the run reaches random points of its progress
         kill_points = sorted(int(rng.uniform(0.02, 0.9) * args.n) for _ in range(args.k))
-        redis_point, redis_restarted = int(rng.uniform(0.2, 0.7) * args.n), False
+        # (before the high tasks, which are pushed once it is back)
+        redis_point, redis_restarted = int(rng.uniform(0.2, 0.7) * (args.n - args.highs)), False
         deadline = time.monotonic() + args.timeout
         last_progress, last_count = time.monotonic(), -1
         while time.monotonic() < deadline:
