@@ -213,8 +213,7 @@ class Dispatcher:
             self._warm_up = None
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
-        if self._lane.watch is not None:
-            self._lane.watch.check(time.monotonic())
+        self._lane.check(self._held)
         free = self.settings.slots - len(self._running)
         raised = self._lane.raised
         if free < (1 if raised else self.settings.refill_at):  # a finishing task wakes us

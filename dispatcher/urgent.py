@@ -7,8 +7,8 @@ memory shared with the children:
 
 * a watcher process (``waiters.Watch``), asked by the loop once it has taken tasks that are not
   high, blocks on the high list and raises the bar the moment a high task is pushed; the loop
-  then fetches high tasks only, as soon as a slot is free, lowers the bar once a fetch finds no
-  more, and asks again if it still holds tasks that are not high;
+  then fetches high tasks only, as soon as a slot is free, lowers the bar once a fetch takes
+  fewer than it asked for, and asks again if it still holds tasks that are not high;
 * a high task that has to wait behind others in the pool holds the bar up until a child takes
   it (or it ends some other way: a lost child);
 * a child about to run a task that is not high looks at the bar first: while it is up, the child
@@ -18,7 +18,10 @@ memory shared with the children:
 What it does not do: stop a task already running; keep the order of tasks handed back at
 different moments (each goes back to the head of its list as it comes back), nor keep them
 ahead of lower-priority tasks fetched along with the high one; or beat a task already on its
-way to a child when the watcher sees the push, 0.1 to 0.3 ms after it on two busy cores.
+way to a child when the watcher sees the push, 0.1 to 0.3 ms after it on two busy cores. A
+high task that is retried or was enqueued with a delay reaches its list inside a fetch, not by
+a push: it waits for the next refill. Tasks handed back cost about what short tasks cost, so
+past HAND_BACK_BUDGET a second the lane pauses until the second is over.
 """
 from __future__ import annotations
 
@@ -51,10 +54,10 @@ class Bar:
     RAISED is written by the dispatcher's side only: its watcher raises it, then waits to be
     asked again, which the loop does only after lowering it, so the two never race. WAIT_FOR,
     the number of the high task the bar waits for (0: none), is written by the loop only. A
-    child taking high task n writes n in mark n % size of a ring. No value has two writers that
-    could race, so no lock: a lock held by a child killed mid-task would stop every other child
-    for good. The ring is more than twice as long as the pool's queue, so the mark of a task
-    still in it is never overwritten.
+    child taking high task n writes n in mark n % size of a ring, unless a newer number is
+    there. No value has two writers that could race, so no lock: a lock held by a child killed
+    mid-task would stop every other child for good. The ring is more than twice as long as the
+    pool's queue, so the mark of a task still in it is never overwritten by a newer one.
     """
 
     def __init__(self, ctx: BaseContext, slots: int) -> None:
@@ -73,7 +76,9 @@ class Bar:
 
     def taken(self, number: int) -> None:
         """Before high task ``number``: the tasks queued behind it need not wait for it."""
-        self._values[TAKEN + number % self._ring] = number
+        index = TAKEN + number % self._ring
+        if self._values[index] < number:  # a late write never brings an older number back
+            self._values[index] = number
 
     # -- in the dispatcher -------------------------------------------------------------------
 
@@ -98,7 +103,7 @@ class Watcher(Protocol):
 
     def want(self) -> None: ...
     def lower(self, watch_again: bool) -> None: ...
-    def check(self, now: float) -> None: ...
+    def replace_if_gone(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -108,8 +113,9 @@ class HighLane:
 
     The bar waits for the newest high task that waits behind others in the pool. The queue is
     first in, first out, so once a child has taken that one, every high task before it has been
-    taken too. When it ends, however it ends (a lost child, too), the bar waits for none: one
-    that never reached a child cannot hold the others back.
+    taken too (but for the unstarted calls of a batch whose child died, which go to the back of
+    the queue again). When it ends, however it ends (a lost child, too), the bar waits for
+    none: one that never reached a child cannot hold the others back.
     """
 
     def __init__(self, ctx: BaseContext, slots: int, procs: int, high_queue: str) -> None:
@@ -121,6 +127,7 @@ class HighLane:
         self._newest: Hashable | None = None
         self._window_end = 0.0              # the current second of the hand-back budget
         self._handed_back = 0               # tasks handed back in it
+        self._next_check = 0.0
 
     @property
     def raised(self) -> bool:
@@ -143,6 +150,18 @@ class HighLane:
         if key == self._newest:
             self._newest = None
             self.bar.wait_for(0)
+
+    def check(self, held: Callable[[], Iterable[str]]) -> None:
+        """Called by the loop every turn; at most once a second: replace a watcher that died,
+        and ask it to watch if it should and does not (after a pause of the lane, say)."""
+        watch = self.watch
+        now = time.monotonic()
+        if watch is None or now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        watch.replace_if_gone()
+        if not watch.watching and not self.raised and self._worth_watching(held()):
+            watch.want()
 
     def handed_back(self) -> None:
         """A task came back unrun: count it against the budget."""
@@ -189,5 +208,8 @@ def marked(batch: list[Call]) -> list[Call]:
     newest = max(call.args[-1] for call in batch)
     if newest <= max(0, batch[0].args[-1]):
         return batch
-    first = batch[0]
-    return [first._replace(args=(*first.args[:-1], newest)), *batch[1:]]
+    # The first marks them all; the others' numbers become -1 (high, nothing to mark): a late
+    # mark of its own would only be a second write of an older number
+    first, rest = batch[0], batch[1:]
+    return [first._replace(args=(*first.args[:-1], newest)),
+            *(call._replace(args=(*call.args[:-1], -1)) if call.args[-1] > 0 else call for call in rest)]

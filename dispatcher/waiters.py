@@ -33,7 +33,6 @@ BLOCK_SECONDS = 5  # one BLMOVE's block; a reply overdue by LATE more means the 
 LATE = 5.0
 WATCH_BACKOFF = 2.0  # longest pause of the watcher between tries while Redis is unreachable
 WATCH_BLOCK = 1      # the watcher's longest wait before it checks that its dispatcher lives
-CHECK_EVERY = 1.0    # how often the loop checks that its watcher lives
 
 
 class Wakeup:
@@ -192,7 +191,6 @@ class Watch:
         self._args = (pool.connection_class, kwargs, key, bar, self._asks, os.getpid())
         self.watching = False  # asked, and the bar not raised since
         self._process = self._new_process()
-        self._next_check = time.monotonic() + CHECK_EVERY
 
     def _new_process(self) -> BaseProcess:
         process = self._ctx.Process(target=_watch, args=self._args, name=f"watch {self._key}", daemon=True)
@@ -205,12 +203,10 @@ class Watch:
         self._ask.send_bytes(b"")
         self.watching = True
 
-    def check(self, now: float) -> None:
-        """Called by the loop every turn; at most once a second, replace a watcher that died."""
-        if now >= self._next_check:
-            self._next_check = now + CHECK_EVERY
-            if self._replace_if_gone() and self.watching:
-                self._ask.send_bytes(b"")
+    def replace_if_gone(self) -> None:
+        """Start another watcher if this one died; it watches if the one before was asked to."""
+        if self._replace_if_gone() and self.watching and not self._bar.raised:
+            self._ask.send_bytes(b"")
 
     def _replace_if_gone(self) -> bool:
         if self._process.is_alive():
@@ -219,7 +215,11 @@ class Watch:
         # passing the prefetch
         logger.warning("watcher of %s (pid %s) is gone (exit code %s); starting another",
                        self._key, self._process.pid, self._process.exitcode)
-        self._process = self._new_process()
+        try:
+            self._process = self._new_process()
+        except Exception:  # out of processes or memory: the lane is off until the next try
+            logger.exception("could not start a watcher of %s; trying again in a second", self._key)
+            return False
         return True
 
     def lower(self, watch_again: bool) -> None:

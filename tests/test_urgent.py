@@ -28,6 +28,9 @@ class _Watcher:
         self.asked += 1
         self.watching = True
 
+    def replace_if_gone(self) -> None:
+        pass
+
 
 def _lane(procs: int = 1) -> HighLane:
     lane = HighLane(CTX, slots=3, procs=procs, high_queue="t:high")
@@ -50,6 +53,8 @@ def test_the_bar_holds_other_tasks_while_a_high_one_waits_in_redis_or_in_the_poo
     lane.mark("c", "t:high", in_pool=3)
     bar.taken(3 + 8)                            # a mark in the same place of the ring, not c's
     assert bar.must_yield()
+    bar.taken(3)
+    assert bar.must_yield()                     # 11 is newer: a late 3 does not overwrite it
 
 
 def test_only_a_high_task_that_waits_behind_others_holds_them_back():
@@ -91,7 +96,7 @@ def test_the_watcher_raises_the_bar_once_per_ask_and_is_replaced_if_killed(redis
         watch.lower(watch_again=True)
         wait_for(lambda: _blocked(r), 10, what="the watcher blocked on the list")
         _kill(watch)                                           # killed while watching: the loop's
-        watch.check(float("inf"))                              # turn replaces it, and asks again
+        watch.replace_if_gone()                                # check replaces it, and asks again
         r.lpush("t:high", b"h2")
         wait_for(lambda: bar.raised, 10, what="the bar raised by the third watcher")
     finally:
@@ -139,11 +144,11 @@ def test_a_batch_marks_its_newest_high_task_when_its_child_takes_it():
         return Call(slot, run, ("t.x", (), {}, f"id{slot}", "json", False, high))
     batch = [call(0, 4), call(1, 5), call(2, 0)]                # high 4 and 5, then a low task
     first = marked(batch)
-    assert [c.args[-1] for c in first] == [5, 5, 0] and first[1:] == batch[1:]
+    assert [c.args[-1] for c in first] == [5, -1, 0]            # 5 is written once, when taken
     assert marked(batch[2:]) == batch[2:]                      # nothing high: unchanged
     unnumbered = [call(0, -1), call(1, 0)]                      # high with nothing waiting for it
     assert marked(unnumbered) == unnumbered
-    assert [c.args[-1] for c in marked([call(0, -1), call(1, 7)])] == [7, 7]
+    assert [c.args[-1] for c in marked([call(0, -1), call(1, 7)])] == [7, -1]
 
 
 def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(monkeypatch):
@@ -160,5 +165,5 @@ def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(mo
     assert lane.watch.asked == 1
     clock[0] += 1.0                                             # the second is over
     assert lane.mark("b", "t:high", in_pool=5) > 0
-    lane.after_fetch(False, ["t:low"], 5, lambda: [])
-    assert lane.watch.asked == 2
+    lane.check(lambda: ["t:high", "t:low"])                     # no fetch needed: it still holds
+    assert lane.watch.asked == 2                                # a low task, so it watches again
