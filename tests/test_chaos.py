@@ -10,8 +10,10 @@ from procs import ROOT
 
 
 @pytest.mark.timeout(300)
-def test_short_chaos_run_loses_nothing():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "-n", "300", "-k", "5"],
+@pytest.mark.parametrize("flags", [[], ["--prefetch", "8", "--highs", "100"]], ids=["plain", "high-lane"])
+def test_short_chaos_run_loses_nothing(flags):
+    """The second run has prefetched tasks handed back for high ones pushed during the chaos."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "-n", "300", "-k", "5", *flags],
                           capture_output=True, text=True, timeout=280)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
