@@ -153,7 +153,7 @@ def push_stamps(r: redis.Redis, queue: str, ids: list[str]) -> float:
     return seconds + micros / 1e6
 
 
-def bench_latency(url: str, r: redis.Redis, workdir: Path, count: int) -> dict:
+def bench_latency(url: str, r: redis.Redis, workdir: Path, count: int, *extra: str) -> dict:
     """An idle dispatcher; tasks pushed 5 ms apart; push -> task start, in ms.
 
     "Push" is the server's clock at the LPUSH itself (push_stamps), as in bench_priority.
@@ -161,8 +161,8 @@ def bench_latency(url: str, r: redis.Redis, workdir: Path, count: int) -> dict:
     own encoding and round trip, which no dispatcher can make shorter.
     """
     reset(r)
-    d = Dispatcher(url, workdir)
-    d.wait_idle(r)
+    d = Dispatcher(url, workdir, *extra)
+    d.wait_idle(r, slots=_slots(extra))
     pushes = []
     with Client(url) as c:
         warm(url, r, d)
@@ -359,7 +359,10 @@ def main() -> int:
                             "prefetch"))
         out["ratio_to_raw_pool_prefetch"] = out["drain_per_s_prefetch"] / out["raw_pool_per_s"]
         out.update(median_of(runs, bench_enqueue, server.url, r, n_drain))
-        out.update(median_of(runs, bench_latency, server.url, r, workdir, 100 if args.quick else 300))
+        latency_tasks = 100 if args.quick else 300
+        out.update(median_of(runs, bench_latency, server.url, r, workdir, latency_tasks))
+        out.update(suffixed(median_of(runs, bench_latency, server.url, r, workdir, latency_tasks, *prefetch),
+                            "prefetch"))
         loops = calibrate_burn()
         cpu_tasks = 50 if args.quick else 200
         out.update(median_of(runs, bench_raw_pool_cpu, cpu_tasks, loops))
@@ -404,6 +407,8 @@ def print_table(out: dict) -> None:
         ("latency push -> start, idle", f"p50 {out['p50_ms']:.2f} ms",
          f"p90 {out['p90_ms']:.2f}, p99 {out['p99_ms']:.2f}, max {out['max_ms']:.2f} ms; "
          f"p50 from before the producer's call {out['p50_from_call_ms']:.2f} ms"),
+        (f"  the same, --prefetch {PREFETCH}", f"p50 {out['p50_ms_prefetch']:.2f} ms",
+         f"p90 {out['p90_ms_prefetch']:.2f}, p99 {out['p99_ms_prefetch']:.2f}, max {out['max_ms_prefetch']:.2f} ms"),
         (f"CPU-bound {out['cpu_task_ms']:.0f} ms tasks", f"efficiency {out['cpu_efficiency']:.3f}",
          f"wall {out['cpu_wall_s']:.2f} s vs ideal {out['cpu_ideal_s']:.2f} s"),
         (f"  the same, --prefetch {PREFETCH}", f"efficiency {out['cpu_efficiency_prefetch']:.3f}",
