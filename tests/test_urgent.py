@@ -167,3 +167,23 @@ def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(mo
     assert lane.mark("b", "t:high", in_pool=5) > 0
     lane.check(lambda: ["t:high", "t:low"])                     # no fetch needed: it still holds
     assert lane.watch.asked == 2                                # a low task, so it watches again
+
+
+@pytest.mark.timeout(30)
+def test_a_watcher_that_cannot_be_started_again_is_logged_and_tried_later(redis_url, caplog):
+    watch = Watch(connect(redis_url, retries=0), "t:high", Bar(CTX, slots=3), CTX)
+    try:
+        _kill(watch)
+        real = watch._ctx
+
+        class NoProcesses:
+            def Process(self, *args, **kwargs):  # noqa: N802 -- the context's own name
+                raise OSError(11, "Resource temporarily unavailable")
+        watch._ctx = NoProcesses()
+        watch.want()                                           # does not raise into the loop
+        assert "could not start a watcher" in caplog.text and watch.watching
+        watch._ctx = real
+        watch.replace_if_gone()                                # the next check starts one
+        assert watch._process.is_alive()
+    finally:
+        watch.close()
