@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 30.0      # safety net only: pushes and new schedules wake an idle loop at once
 SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
 BACKOFF_MAX = 2.0     # longest pause between tries while Redis is unreachable
+# How a task that never started ends: its batch's child was lost with the pool closing, or it
+# was handed back for a high task
+NEVER_RAN = (NotStarted.__name__, YieldedToHighTask.__name__)
 
 
 @dataclass
@@ -131,7 +134,10 @@ class Dispatcher:
 
     def _start_workers(self, info: dict[str, Any]) -> None:
         self._pool = WorkerPool(self.settings.procs, initializer=init_child,
-                                initargs=(self.settings.task_modules, self._lane.bar),
+                                # without a prefetch nothing is ever handed back: children need
+                                # not look at the bar before each task
+                                initargs=(self.settings.task_modules,
+                                          self._lane.bar if self.settings.prefetch else None),
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
         self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
@@ -223,7 +229,7 @@ class Dispatcher:
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
         if isinstance(got, int) and raised:  # no high task left there
-            self._lane.after_fetch(raised, [], most, self._held)
+            self._lane.give_up(self._held)
             if got != -2:
                 return 0  # fetch the others now
         if isinstance(got, int):
@@ -235,7 +241,7 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
-        self._lane.after_fetch(raised, [fetched.queue for fetched in got], most, self._held)
+        self._lane.after_fetch(raised, len(got), most, (fetched.queue for fetched in got), self._held)
         # Come back at once only for work: another fetch (a short one means the lists may be
         # empty, and the next arms the waiters) or outcomes to write (dead letters). A job that
         # ends meanwhile wakes the loop anyway.
@@ -322,14 +328,13 @@ class Dispatcher:
                 logger.error("job end for unknown slot %r ignored", end.key)
                 continue
             self._lane.ended(end.key)
-            if end.error_type == NotStarted.__name__:  # its batch's child was lost, the pool closing:
-                self.counters.requeued += 1            # it never ran, so back to Redis, uncounted
-                put_back.append(outcomes.requeue_item(end.key))
-                continue
-            if end.error_type == YieldedToHighTask.__name__:  # a high task waits: this one goes
-                self.counters.yielded += 1                     # back to the head of its list,
-                self._lane.handed_back()                       # unrun, uncounted
-                logger.debug("handed back %s %s for a high task", running.task.name, running.task.id)
+            if end.error_type in NEVER_RAN:  # back to the head of its list, no attempt counted
+                if end.error_type == NotStarted.__name__:  # its batch's child was lost, the pool closing
+                    self.counters.requeued += 1
+                else:                                      # handed back: a high task waits
+                    self.counters.yielded += 1
+                    self._lane.handed_back()
+                    logger.debug("handed back %s %s for a high task", running.task.name, running.task.id)
                 put_back.append(outcomes.requeue_item(end.key))
                 continue
             self._batcher.observe(running.task.name, end.duration)

@@ -155,8 +155,10 @@ class HighLane:
         """Called by the loop every turn; at most once a second: replace a watcher that died,
         and ask it to watch if it should and does not (after a pause of the lane, say)."""
         watch = self.watch
+        if watch is None:
+            return
         now = time.monotonic()
-        if watch is None or now < self._next_check:
+        if now < self._next_check:
             return
         self._next_check = now + 1.0
         watch.replace_if_gone()
@@ -176,22 +178,24 @@ class HighLane:
     def _paused(self) -> bool:
         return self._handed_back >= HAND_BACK_BUDGET and time.monotonic() < self._window_end
 
-    def after_fetch(self, raised: bool, queues: list[str], most: int,
+    def after_fetch(self, raised: bool, taken: int, most: int, queues: Iterable[str],
                     held: Callable[[], Iterable[str]]) -> None:
-        """After a fetch, once its tasks are in the pool (so the bar already waits for its high
-        tasks): lower the bar if no high task is left in Redis; ask the watcher to watch while
-        we hold tasks a high one could pass. ``queues``: where each task taken came from."""
+        """After a fetch that took ``taken`` of ``most``, once its tasks are in the pool (so the
+        bar already waits for its high tasks): lower the bar if no high task is left in Redis;
+        ask the watcher to watch while we hold tasks a high one could pass. ``queues``: where
+        each task taken came from (read only when the watcher is not watching)."""
         watch = self.watch
         if watch is None:
             return
         if raised:
-            if len(queues) < most:
-                watch.lower(watch_again=self._worth_watching(held()))
+            if taken < most:
+                self.give_up(held)
         elif not watch.watching and self._worth_watching(queues):
             watch.want()
 
     def give_up(self, held: Callable[[], Iterable[str]]) -> None:
-        """Redis is unreachable: no fetch can take the high task, so let the children run the rest."""
+        """Lower the bar: no high task is left in Redis, or Redis is unreachable and no fetch
+        can take it, so let the children run the rest. Watch again while it is worth it."""
         if self.watch is not None and self.raised:
             self.watch.lower(watch_again=self._worth_watching(held()))
 

@@ -35,6 +35,12 @@ WATCH_BACKOFF = 2.0  # longest pause of the watcher between tries while Redis is
 WATCH_BLOCK = 1      # the watcher's longest wait before it checks that its dispatcher lives
 
 
+def send_look(conn: redis.connection.Connection, key: str, seconds: float) -> None:
+    """Send ``BLMOVE key key RIGHT RIGHT seconds``: a wait for the list to hold anything that
+    consumes nothing. Its reply is the list's last element, or None after ``seconds``."""
+    conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", seconds, check_health=False)
+
+
 class Wakeup:
     """A self-pipe: ``set()`` from any thread (or a signal handler) wakes the loop's select.
 
@@ -95,8 +101,7 @@ class Waiter:
         if self._sent_at is not None:
             return
         try:
-            self._conn.send_command("BLMOVE", self.key, self.key, "RIGHT", "RIGHT", BLOCK_SECONDS,
-                                    check_health=False)
+            send_look(self._conn, self.key, BLOCK_SECONDS)
             self._sent_at = time.monotonic()
         except REDIS_DOWN:
             self._conn.disconnect()  # the loop's fetch reports the outage; next arm() reconnects
@@ -163,7 +168,6 @@ class Waiters:
     def close(self) -> None:
         for waiter in self._waiters:
             waiter.close()
-
 
 
 class Watch:
@@ -263,7 +267,7 @@ def _watch(connection_class: type, kwargs: dict, key: str, bar: Bar, asks: Conne
                 return  # no one can ask any more: the dispatcher closed its end, or died
             asked = True
         try:
-            conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", WATCH_BLOCK, check_health=False)
+            send_look(conn, key, WATCH_BLOCK)
             got = conn.read_response()
         except Exception:  # Redis away, or a reply we cannot read: never die, never spin
             conn.disconnect()

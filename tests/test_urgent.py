@@ -155,13 +155,13 @@ def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(mo
     clock = [100.0]
     monkeypatch.setattr(urgent.time, "monotonic", lambda: clock[0])
     lane = _lane()
-    lane.after_fetch(False, ["t:low"], 5, lambda: [])
+    lane.after_fetch(False, 1, 5, ["t:low"], lambda: [])
     assert lane.watch.asked == 1                                # it holds a low task: watch
     lane.watch.watching = False                                 # (the watcher fired since)
     for _ in range(HAND_BACK_BUDGET):
         lane.handed_back()
     assert lane.mark("a", "t:high", in_pool=5) == -1            # paused: nothing waits for it
-    lane.after_fetch(False, ["t:low"], 5, lambda: [])
+    lane.after_fetch(False, 1, 5, ["t:low"], lambda: [])
     assert lane.watch.asked == 1
     clock[0] += 1.0                                             # the second is over
     assert lane.mark("b", "t:high", in_pool=5) > 0
