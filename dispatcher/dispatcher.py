@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 
@@ -32,8 +32,8 @@ from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
-from dispatcher.urgent import HighLane, YieldedToHighTask, marked
-from dispatcher.waiters import Waiters, Wakeup, Watch
+from dispatcher.urgent import HighLane, Lookout, Peek, YieldedToHighTask
+from dispatcher.waiters import Waiters, Wakeup
 from dispatcher.warmup import WarmUp
 from worker_pool import Call, JobEnd, NotStarted, WorkerPool
 
@@ -100,7 +100,8 @@ class Dispatcher:
         self._heartbeat: Heartbeat | None = None
         # High tasks first, past tasks already in the pool's queue (dispatcher.urgent)
         self._context = multiprocessing.get_context(settings.start_method)
-        self._lane = HighLane(self._context, settings.slots, settings.procs, store.keys.queue("high"))
+        self._lane = HighLane(self._context, settings.slots, settings.procs, store.keys.queue("high"),
+                              on=bool(settings.prefetch))
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -134,19 +135,20 @@ class Dispatcher:
 
     def _start_workers(self, info: dict[str, Any]) -> None:
         self._pool = WorkerPool(self.settings.procs, initializer=init_child,
-                                # without a prefetch nothing is ever handed back: children need
-                                # not look at the bar before each task
-                                initargs=(self.settings.task_modules,
-                                          self._lane.bar if self.settings.prefetch else None),
+                                initargs=(self.settings.task_modules, self._lookout()),
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
         self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
-        if self.settings.prefetch:  # without a prefetch no task waits in the pool to be passed
-            self._lane.watch = Watch(self.client, self.store.keys.queue("high"), self._lane.bar,
-                                     self._context)
         self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
+
+    def _lookout(self) -> Lookout | None:
+        """What each child looks at before a task that is not high. None without a prefetch: no
+        task waits in the pool to be passed then, so nothing is ever handed back."""
+        if not self.settings.prefetch:
+            return None
+        return Lookout(self._lane.bar, Peek(self.client, self.store.keys.queue("high")))
 
     def install_signal_handlers(self) -> None:
         def record(signum: int, frame: Any) -> None:
@@ -219,7 +221,7 @@ class Dispatcher:
             self._warm_up = None
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
-        self._lane.check(self._held)
+        self._lane.check()
         free = self.settings.slots - len(self._running)
         raised = self._lane.raised
         if free < (1 if raised else self.settings.refill_at):  # a finishing task wakes us
@@ -229,7 +231,7 @@ class Dispatcher:
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
         if isinstance(got, int) and raised:  # no high task left there
-            self._lane.give_up(self._held)
+            self._lane.give_up()
             if got != -2:
                 return 0  # fetch the others now
         if isinstance(got, int):
@@ -241,7 +243,7 @@ class Dispatcher:
             return IDLE_WAIT if got < 0 else min(IDLE_WAIT, max(got / 1000, 0.001))
         now = time.time()
         self._submit([ready for fetched in got if (ready := self._prepare(fetched, now))])
-        self._lane.after_fetch(raised, len(got), most, (fetched.queue for fetched in got), self._held)
+        self._lane.after_fetch(raised, len(got), most)
         # Come back at once only for work: another fetch (a short one means the lists may be
         # empty, and the next arms the waiters) or outcomes to write (dead letters). A job that
         # ends meanwhile wakes the loop anyway.
@@ -278,7 +280,10 @@ class Dispatcher:
         batch: list[Call] = []
         room = 0
         for call, name, time_limit in ready:
-            size = 1 if time_limit is not None else self._batcher.size(name, len(ready))
+            # A high task goes alone: started as soon as taken, no low task waits for it in vain
+            # behind another child's batch (dispatcher.urgent)
+            alone = time_limit is not None or call.args[-1] != 0
+            size = 1 if alone else self._batcher.size(name, len(ready))
             if batch and (size < 2 or len(batch) >= min(room, size)):
                 self._submit_batch(batch)
                 batch = []
@@ -298,7 +303,7 @@ class Dispatcher:
                                   time_limit=time_limit, soft_time_limit=call.soft_time_limit)
             elif batch:
                 logger.debug("batch of %d: slots %s", len(batch), [call.key for call in batch])
-                self._pool.submit_batch(marked(batch), on_end=self._on_end)
+                self._pool.submit_batch(batch, on_end=self._on_end)
         except Exception as exc:  # a bug: bad input is refused before this. Park, never strand a slot
             logger.exception("could not hand %d task(s) to the worker pool: dead letters", len(batch))
             now = time.time()
@@ -308,10 +313,6 @@ class Dispatcher:
                 self._pending.append(outcomes.invalid_item(
                     call.key, f"could not be handed to the worker pool: {exc!r}", self.store.keys, now))
                 self.counters.dead += 1
-
-    def _held(self) -> Iterator[str]:
-        """The lists the tasks this dispatcher holds came from."""
-        return (running.fetched.queue for running in self._running.values())
 
     def _on_end(self, end: JobEnd) -> None:
         """Runs in a pool thread: hand the end to the loop. Nothing here can raise."""
@@ -391,7 +392,7 @@ class Dispatcher:
         else:
             outage.delay = min(BACKOFF_MAX, outage.delay * 2)
         self._needs_reconcile = True
-        self._lane.give_up(self._held)
+        self._lane.give_up()
         return outage.delay
 
     def _redis_back(self) -> None:
@@ -406,8 +407,6 @@ class Dispatcher:
         """Let running tasks finish until the grace deadline (or a second signal), put the rest back."""
         self._signals_acted_on = signals_at_stop = max(self._signals, 1)
         self._waiters.close()
-        if self._lane.watch is not None:
-            self._lane.watch.close()
         if self._pool is None:
             self._wakeup.close()
             return

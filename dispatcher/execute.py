@@ -11,20 +11,22 @@ from typing import Any
 
 from dispatcher.codec import encode
 from dispatcher.registry import registry
-from dispatcher.urgent import Bar, YieldedToHighTask
+from dispatcher.urgent import Lookout, YieldedToHighTask
 
-# This child's view of the dispatcher's bar (dispatcher.urgent), given by init_child.
-_bar: Bar | None = None
+# This child's side of the high lane (dispatcher.urgent), given by init_child; None without --prefetch
+_lookout: Lookout | None = None
 
 
 class ResultNotSerializable(TypeError):
     """The task returned something its reply codec cannot carry."""
 
 
-def init_child(modules: tuple[str, ...], bar: Bar | None = None) -> None:
+def init_child(modules: tuple[str, ...], lookout: Lookout | None = None) -> None:
     """Pool initializer: register the same tasks in the child as in the parent."""
-    global _bar
-    _bar = bar
+    global _lookout
+    _lookout = lookout
+    if lookout is not None:
+        lookout.connect()
     registry.import_modules(modules)
 
 
@@ -43,10 +45,10 @@ def run(name: str, args: tuple, kwargs: dict, task_id: str, codec: str, want_rep
     ``high`` is 0 for a task that is not high: it is handed back unrun (YieldedToHighTask) while
     a high one waits. A high task's is -1, or its number if others wait for it (dispatcher.urgent).
     """
-    if _bar is not None:
+    if _lookout is not None:
         if high > 0:
-            _bar.taken(high)
-        elif not high and _bar.must_yield():
+            _lookout.bar.taken(high)
+        elif not high and _lookout.must_yield():
             raise YieldedToHighTask(f"{name} {task_id} handed back: a high task waits")
     value = registry.get(name).fn(*args, **kwargs)
     if not want_reply:

@@ -5,33 +5,43 @@ first. A high task fetched after them would start only after all of them, and on
 they wait only after the loop's next refill: with slow tasks, many seconds. So there is a bar in
 memory shared with the children:
 
-* a watcher process (``waiters.Watch``), asked by the loop once it has taken tasks that are not
-  high, blocks on the high list and raises the bar the moment a high task is pushed; the loop
-  then fetches high tasks only, as soon as a slot is free, lowers the bar once a fetch takes
-  fewer than it asked for, and asks again if it still holds tasks that are not high;
+* each child keeps a wait on the high list open on a connection of its own (``Peek``: BLMOVE
+  onto itself, which consumes nothing). Before a task that is not high, it looks whether the
+  reply has come, without waiting: if it has, a high task was pushed, and the child raises the bar;
+* while the bar is up, the loop fetches high tasks only, as soon as a slot is free, and lowers it
+  once a fetch takes fewer than it asked for;
 * a high task that has to wait behind others in the pool holds the bar up until a child takes
   it (or it ends some other way: a lost child);
 * a child about to run a task that is not high looks at the bar first: while it is up, the child
   hands the task back unrun (``YieldedToHighTask``) and the loop puts it back at the head of its
   list. That frees its slot, so the high task is fetched, and it is the next one a child takes.
 
+Why the child looks for itself: it is the one about to start a task, and it is running already.
+A watcher process that raised the bar for the children had to be woken and scheduled first, 0.1
+to 0.3 ms on two busy cores and sometimes 3, while children started dozens of short tasks. A
+look at the child's own socket is one ``poll`` call, and it sees the push as soon as Redis has
+written the reply.
+
 What it does not do: stop a task already running; keep the order of tasks handed back at
 different moments (each goes back to the head of its list as it comes back), nor keep them
-ahead of lower-priority tasks fetched along with the high one; or beat a task already on its
-way to a child when the watcher sees the push, 0.1 to 0.3 ms after it on two busy cores. A
-high task that is retried or was enqueued with a delay reaches its list inside a fetch, not by
-a push: it waits for the next refill. Tasks handed back cost about what short tasks cost, so
-past HAND_BACK_BUDGET a second the lane pauses until the second is over.
+ahead of lower-priority tasks fetched along with the high one; or beat a task that starts before
+Redis's reply reaches the children (it writes its append-only file first: tens of microseconds),
+or one already on its way to a child. A high task that is retried or was enqueued with a delay
+reaches its list inside a fetch, not by a push: it waits for the next refill. Tasks handed back
+cost about what short tasks cost, so past HAND_BACK_BUDGET a second the lane pauses until the
+second is over.
 """
 from __future__ import annotations
 
 import logging
+import select
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable
 from multiprocessing.context import BaseContext
-from typing import Protocol
 
-from worker_pool import Call
+import redis
+
+from dispatcher.waiters import Waiter
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +51,11 @@ logger = logging.getLogger(__name__)
 # in the pool like the others. Slow tasks are handed back far more rarely than that.
 HAND_BACK_BUDGET = 500
 
-RAISED, WAIT_FOR, TAKEN = range(3)  # the shared values; TAKEN is where the ring of marks starts
+# A child's look connects at a task's start: it must never hold the task up for long
+PEEK_CONNECT_TIMEOUT = 0.5
+PEEK_RETRY_MAX = 5.0  # longest pause between a child's tries while Redis is unreachable
+
+RAISED, WAIT_FOR, PAUSED, TAKEN = range(4)  # the shared values; the ring of marks starts at TAKEN
 
 
 class YieldedToHighTask(Exception):
@@ -51,13 +65,17 @@ class YieldedToHighTask(Exception):
 class Bar:
     """The shared part: set up before the pool starts, handed to each child by its initializer.
 
-    RAISED is written by the dispatcher's side only: its watcher raises it, then waits to be
-    asked again, which the loop does only after lowering it, so the two never race. WAIT_FOR,
-    the number of the high task the bar waits for (0: none), is written by the loop only. A
-    child taking high task n writes n in mark n % size of a ring, unless a newer number is
-    there. No value has two writers that could race, so no lock: a lock held by a child killed
-    mid-task would stop every other child for good. The ring is more than twice as long as the
-    pool's queue, so the mark of a task still in it is never overwritten by a newer one.
+    RAISED is raised by the children, from what their looks saw, and lowered by the loop. A
+    raise can come late (a child busy for a while reads a reply that waited for it) or race the
+    loop's lowering: then the bar is up with no high task left in Redis, and the loop's next
+    fetch takes fewer than it asked for and lowers it again, at the cost of a task or two handed
+    back. A raise lost to a lowering comes again: the child that saw the push looks again at its
+    next task, and the high task is still there. WAIT_FOR, the number of the high task the bar
+    waits for (0: none), and PAUSED are written by the loop only. A child taking high task n
+    writes n in mark n % size of a ring, unless a newer number is there. No lock: a lock held
+    by a child killed mid-task would stop every other child for good. The ring is more than
+    twice as long as the pool's queue, so the mark of a task still in it is never overwritten
+    by a newer one.
     """
 
     def __init__(self, ctx: BaseContext, slots: int) -> None:
@@ -80,14 +98,18 @@ class Bar:
         if self._values[index] < number:  # a late write never brings an older number back
             self._values[index] = number
 
+    def raise_(self) -> None:
+        self._values[RAISED] = 1
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._values[PAUSED])
+
     # -- in the dispatcher -------------------------------------------------------------------
 
     @property
     def raised(self) -> bool:
         return bool(self._values[RAISED])
-
-    def raise_(self) -> None:
-        self._values[RAISED] = 1
 
     def lower(self) -> None:
         self._values[RAISED] = 0
@@ -95,39 +117,125 @@ class Bar:
     def wait_for(self, number: int) -> None:
         self._values[WAIT_FOR] = number
 
+    def pause(self, paused: bool) -> None:
+        self._values[PAUSED] = int(paused)
 
-class Watcher(Protocol):
-    """What the lane needs of its watcher (``waiters.Watch``; it lives there, with Redis)."""
 
-    watching: bool
+class Peek:
+    """In a child: a non-consuming wait on the high list, kept open on a connection of its own
+    (``waiters.Waiter``, as the loop's), and looked at without waiting.
 
-    def want(self) -> None: ...
-    def lower(self, watch_again: bool) -> None: ...
-    def replace_if_gone(self) -> None: ...
-    def close(self) -> None: ...
+    Built in the dispatcher, from what a new process can be given; it connects in the child, as
+    the child starts (``Lookout.connect``). It never raises into the task it looks for, and never holds it up for
+    longer than a connect timeout: while Redis is unreachable it tries again at most every
+    PEEK_RETRY_MAX seconds, and in between it sees nothing.
+    """
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        pool = client.connection_pool
+        plain = (str, bytes, int, float, bool, type(None))  # what a new process can be given
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if isinstance(v, plain)}
+        kwargs["socket_connect_timeout"] = min(kwargs.get("socket_connect_timeout") or PEEK_CONNECT_TIMEOUT,
+                                               PEEK_CONNECT_TIMEOUT)
+        self._pool_args = (pool.connection_class, kwargs)
+        self._key = key
+        self._waiter: Waiter | None = None
+        self._poll: select.poll | None = None
+        self._fd: int | None = None
+        self._retry_at = 0.0
+        self._delay = 0.05
+
+    def pushed(self) -> bool:
+        """Has a high task been pushed since the last look that said so (or is one waiting)?
+        After it says so, the next look sends the wait again: call it only with the bar down."""
+        try:
+            return self._look()
+        except Exception as exc:  # never into the task it looks for
+            logger.debug("look at %s: %r", self._key, exc)
+            self._broke()
+            return False
+
+    def _look(self) -> bool:
+        waiter = self._waiter
+        fd = None if waiter is None else waiter.fileno()
+        if fd is None:
+            self._arm()
+            return False
+        if fd != self._fd:  # a new connection
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
+            self._fd = fd
+        if not self._poll.poll(0):
+            waiter.drop_if_overdue(time.monotonic())
+            return False
+        got = waiter.read()  # sends the wait again after an empty block
+        if got is None:
+            self._broke()
+            return False
+        self._delay = 0.05
+        return got
+
+    def _arm(self) -> None:
+        if time.monotonic() < self._retry_at:
+            return
+        if self._waiter is None:
+            connection_class, kwargs = self._pool_args
+            pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
+            self._waiter = Waiter(redis.Redis(connection_pool=pool), self._key)
+        self._waiter.arm()
+        if self._waiter.fileno() is None:  # not sent: Redis unreachable
+            self._broke()
+
+    def _broke(self) -> None:
+        """Redis unreachable, or a reply we cannot read: see nothing for a while."""
+        if self._waiter is not None:
+            self._waiter.close()
+        self._retry_at = time.monotonic() + self._delay
+        self._delay = min(PEEK_RETRY_MAX, self._delay * 2)
+
+
+class Lookout:
+    """A child's side of the lane: the bar, and the child's own look at the high list."""
+
+    def __init__(self, bar: Bar, peek: Peek) -> None:
+        self.bar = bar
+        self._peek = peek
+
+    def connect(self) -> None:
+        """In the child, as it starts: connect and send the wait now, not at its first task."""
+        self._peek.pushed()
+
+    def must_yield(self) -> bool:
+        """Before a task that is not high: hand it back? Raises the bar on a push it sees."""
+        bar = self.bar
+        if bar.must_yield():
+            return True
+        if bar.paused or not self._peek.pushed():
+            return False
+        bar.raise_()
+        return True
 
 
 class HighLane:
-    """The loop's side: the bar, the numbers of the high tasks it hands to the pool, and the
-    watcher (None without --prefetch: then no task waits in the pool to be passed).
+    """The loop's side: the bar, and the numbers of the high tasks it hands to the pool (off
+    without --prefetch: then no task waits in the pool to be passed).
 
-    The bar waits for the newest high task that waits behind others in the pool. The queue is
-    first in, first out, so once a child has taken that one, every high task before it has been
-    taken too (but for the unstarted calls of a batch whose child died, which go to the back of
-    the queue again). When it ends, however it ends (a lost child, too), the bar waits for
-    none: one that never reached a child cannot hold the others back.
+    The bar waits for the newest high task that waits behind others in the pool. High tasks go
+    to the pool one job each, never in a batch, so a child takes one as it starts it. The queue
+    is first in, first out, so once a child has taken that one, every high task before it has
+    been started too. When it ends, however it ends (a lost child, too), the bar waits for none:
+    one that never reached a child cannot hold the others back.
     """
 
-    def __init__(self, ctx: BaseContext, slots: int, procs: int, high_queue: str) -> None:
+    def __init__(self, ctx: BaseContext, slots: int, procs: int, high_queue: str, on: bool) -> None:
         self.bar = Bar(ctx, slots)
-        self.watch: Watcher | None = None  # set once the pool runs
+        self._on = on
         self._procs = procs
         self._high = high_queue
         self._count = 0                     # numbers handed out; never reused
         self._newest: Hashable | None = None
-        self._window_end = 0.0              # the current second of the hand-back budget
-        self._handed_back = 0               # tasks handed back in it
-        self._next_check = 0.0
+        self._window_end = 0.0              # the end of the budget's second, from the first
+        self._handed_back = 0               # task handed back in it; and how many since
 
     @property
     def raised(self) -> bool:
@@ -139,7 +247,7 @@ class HighLane:
         0 for a task that is not high, -1 for a high one that need not wait, else its number."""
         if queue != self._high:
             return 0
-        if self.watch is None or in_pool <= self._procs or self._paused():
+        if not self._on or in_pool <= self._procs or self.bar.paused:
             return -1  # it starts at once (or the next task is taken after it anyway)
         self._count += 1
         self._newest = key
@@ -151,69 +259,32 @@ class HighLane:
             self._newest = None
             self.bar.wait_for(0)
 
-    def check(self, held: Callable[[], Iterable[str]]) -> None:
-        """Called by the loop every turn; at most once a second: replace a watcher that died,
-        and ask it to watch if it should and does not (after a pause of the lane, say)."""
-        watch = self.watch
-        if watch is None:
-            return
-        now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + 1.0
-        watch.replace_if_gone()
-        if not watch.watching and not self.raised and self._worth_watching(held()):
-            watch.want()
+    def check(self) -> None:
+        """Called by the loop every turn: end the budget's second once it is over (and a pause
+        of the lane with it)."""
+        if self._handed_back and time.monotonic() >= self._window_end:
+            self._handed_back = 0
+            self.bar.pause(False)
 
     def handed_back(self) -> None:
         """A task came back unrun: count it against the budget."""
-        now = time.monotonic()
-        if now >= self._window_end:
-            self._window_end, self._handed_back = now + 1.0, 0
+        self.check()
+        if not self._handed_back:
+            self._window_end = time.monotonic() + 1.0
         self._handed_back += 1
         if self._handed_back == HAND_BACK_BUDGET:
+            self.bar.pause(True)
             logger.debug("%d tasks handed back for high ones this second: high tasks wait their "
                          "turn in the pool until it is over", HAND_BACK_BUDGET)
 
-    def _paused(self) -> bool:
-        return self._handed_back >= HAND_BACK_BUDGET and time.monotonic() < self._window_end
+    def after_fetch(self, raised: bool, taken: int, most: int) -> None:
+        """After a fetch with the bar ``raised`` that took ``taken`` of ``most``, once its tasks
+        are in the pool (so the bar already waits for its high tasks): lower the bar if no high
+        task is left in Redis."""
+        if raised and taken < most:
+            self.bar.lower()
 
-    def after_fetch(self, raised: bool, taken: int, most: int, queues: Iterable[str],
-                    held: Callable[[], Iterable[str]]) -> None:
-        """After a fetch that took ``taken`` of ``most``, once its tasks are in the pool (so the
-        bar already waits for its high tasks): lower the bar if no high task is left in Redis;
-        ask the watcher to watch while we hold tasks a high one could pass. ``queues``: where
-        each task taken came from (read only when the watcher is not watching)."""
-        watch = self.watch
-        if watch is None:
-            return
-        if raised:
-            if taken < most:
-                self.give_up(held)
-        elif not watch.watching and self._worth_watching(queues):
-            watch.want()
-
-    def give_up(self, held: Callable[[], Iterable[str]]) -> None:
+    def give_up(self) -> None:
         """Lower the bar: no high task is left in Redis, or Redis is unreachable and no fetch
-        can take it, so let the children run the rest. Watch again while it is worth it."""
-        if self.watch is not None and self.raised:
-            self.watch.lower(watch_again=self._worth_watching(held()))
-
-    def _worth_watching(self, queues: Iterable[str]) -> bool:
-        """Not paused, and some of these tasks (those we hold) could be passed by a high one."""
-        return not self._paused() and any(queue != self._high for queue in queues)
-
-
-def marked(batch: list[Call]) -> list[Call]:
-    """A batch's first call carries the mark of the newest high task in the batch (the mark is
-    the last of run()'s arguments; fetches put high tasks first, so a batch that holds any starts
-    with one). The child takes them all at once: the tasks queued behind must not wait until it
-    reaches the last of them, which a slow call before it could delay for good."""
-    newest = max(call.args[-1] for call in batch)
-    if newest <= max(0, batch[0].args[-1]):
-        return batch
-    # The first marks them all; the others' numbers become -1 (high, nothing to mark): a late
-    # mark of its own would only be a second write of an older number
-    first, rest = batch[0], batch[1:]
-    return [first._replace(args=(*first.args[:-1], newest)),
-            *(call._replace(args=(*call.args[:-1], -1)) if call.args[-1] > 0 else call for call in rest)]
+        can take it, so let the children run the rest."""
+        self.bar.lower()

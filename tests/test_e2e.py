@@ -160,7 +160,7 @@ def test_a_high_task_passes_the_prefetched_ones(start, client, r):
 
 def test_quick_tasks_go_in_batches_and_a_lost_child_fails_only_its_running_task(start, client, r):
     """With --prefetch, names seen to run for microseconds are sent to a child several at a
-    time; a child that dies mid-batch loses only the task it was running."""
+    time (but high ones); a child that dies mid-batch loses only the task it was running."""
     # A budget of 10 s: the warm-up run counts as quick even on a machine busy enough to make
     # it take milliseconds, so the 16 tasks are batched for sure.
     proc = start("--procs", "1", "--prefetch", "15", "--batch-budget", "10", "--log-level", "DEBUG")
@@ -173,9 +173,13 @@ def test_quick_tasks_go_in_batches_and_a_lost_child_fails_only_its_running_task(
     assert lost.value.error_type == "WorkerLost" and "exit code 3" in lost.value.message
     assert [h.result(timeout=30) for i, h in enumerate(handles) if i != 5] == [i for i in range(16) if i != 5]
     assert "batch of 8" in proc.log
+    batches = proc.log.count("batch of")
+    highs = client.enqueue_many([Call("t.quick", (i,)) for i in range(16)], priority="high")
+    assert [h.result(timeout=30) for h in highs] == list(range(16))
+    assert proc.log.count("batch of") == batches                   # a high task always goes alone
     proc.signal(signal.SIGTERM)
     assert proc.wait(30) == 0
-    assert "16 completed, 1 failed, 0 retried, 1 dead-lettered, 0 put back" in proc.log
+    assert "32 completed, 1 failed, 0 retried, 1 dead-lettered, 0 put back" in proc.log
 
 
 def test_no_task_is_taken_before_the_children_can_run_it(start, client, r):
