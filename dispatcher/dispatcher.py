@@ -221,7 +221,6 @@ class Dispatcher:
             self._warm_up = None
             logger.info("dispatcher %s ready: %d worker(s), heartbeat ttl %.0fs",
                         self.id, self.settings.procs, self.settings.heartbeat_ttl)
-        self._lane.check()
         free = self.settings.slots - len(self._running)
         raised = self._lane.raised
         if free < (1 if raised else self.settings.refill_at):  # a finishing task wakes us
@@ -280,8 +279,8 @@ class Dispatcher:
         batch: list[Call] = []
         room = 0
         for call, name, time_limit in ready:
-            # A high task goes alone: started as soon as taken, no low task waits for it in vain
-            # behind another child's batch (dispatcher.urgent)
+            # A high task (run()'s last argument is not 0) goes alone: started as soon as taken,
+            # so no task behind it starts first on another child (dispatcher.urgent)
             alone = time_limit is not None or call.args[-1] != 0
             size = 1 if alone else self._batcher.size(name, len(ready))
             if batch and (size < 2 or len(batch) >= min(room, size)):

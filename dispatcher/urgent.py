@@ -34,6 +34,7 @@ second is over.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import time
 from collections.abc import Hashable
@@ -41,6 +42,7 @@ from multiprocessing.context import BaseContext
 
 import redis
 
+from dispatcher.store import REDIS_DOWN
 from dispatcher.waiters import Waiter
 
 logger = logging.getLogger(__name__)
@@ -51,11 +53,15 @@ logger = logging.getLogger(__name__)
 # in the pool like the others. Slow tasks are handed back far more rarely than that.
 HAND_BACK_BUDGET = 500
 
-# A child's look connects at a task's start: it must never hold the task up for long
-PEEK_CONNECT_TIMEOUT = 0.5
+# A child's look may connect, or read a reply, at a task's start: it must never hold the task
+# up for long (it reads only once poll says a reply has come, so this bounds every wait)
+PEEK_TIMEOUT = 0.5
+PEEK_RETRY_FIRST = 0.05
 PEEK_RETRY_MAX = 5.0  # longest pause between a child's tries while Redis is unreachable
+PEEK_ERRORS = (redis.RedisError, OSError, ValueError)  # not the task's own (a soft time limit)
 
-RAISED, WAIT_FOR, PAUSED, TAKEN = range(4)  # the shared values; the ring of marks starts at TAKEN
+# The shared values; the ring of marks starts at TAKEN
+RAISED, WAIT_FOR, PAUSED_UNTIL, SEEN, TAKEN = range(5)
 
 
 class YieldedToHighTask(Exception):
@@ -65,17 +71,20 @@ class YieldedToHighTask(Exception):
 class Bar:
     """The shared part: set up before the pool starts, handed to each child by its initializer.
 
-    RAISED is raised by the children, from what their looks saw, and lowered by the loop. A
-    raise can come late (a child busy for a while reads a reply that waited for it) or race the
-    loop's lowering: then the bar is up with no high task left in Redis, and the loop's next
-    fetch takes fewer than it asked for and lowers it again, at the cost of a task or two handed
-    back. A raise lost to a lowering comes again: the child that saw the push looks again at its
-    next task, and the high task is still there. WAIT_FOR, the number of the high task the bar
-    waits for (0: none), and PAUSED are written by the loop only. A child taking high task n
-    writes n in mark n % size of a ring, unless a newer number is there. No lock: a lock held
-    by a child killed mid-task would stop every other child for good. The ring is more than
-    twice as long as the pool's queue, so the mark of a task still in it is never overwritten
-    by a newer one.
+    RAISED is raised by the children, from what their looks saw, and lowered by the loop. One
+    push answers every child's wait, and a child reads its reply only at its next task, maybe
+    long after: SEEN counts the loop's fetches that took high tasks, and its lowerings of the
+    bar, and a reply to a wait sent before the latest of them does not raise the bar (the child
+    sends the wait again; if a high task is still there, the reply comes at once). What is left
+    is a raise racing a lowering, or a fetch just made: the bar is up with no high task left in
+    Redis, and the loop's next fetch takes fewer than it asked for and lowers it again, at the
+    cost of a task or two handed back. WAIT_FOR, the number of the high task the bar waits for
+    (0: none), PAUSED_UNTIL (the end of a pause of the lane, by the monotonic clock, which all
+    processes of a machine share) and SEEN are written by the loop only. A child taking high
+    task n writes n in mark n % size of a ring, unless a newer number is there. No lock: a lock
+    held by a child killed mid-task would stop every other child for good. The ring is more than
+    twice as long as the pool's queue, so the mark of a task still in it is never overwritten by
+    a newer one.
     """
 
     def __init__(self, ctx: BaseContext, slots: int) -> None:
@@ -103,7 +112,12 @@ class Bar:
 
     @property
     def paused(self) -> bool:
-        return bool(self._values[PAUSED])
+        until = self._values[PAUSED_UNTIL]
+        return bool(until) and time.monotonic_ns() < until
+
+    @property
+    def seen(self) -> int:
+        return self._values[SEEN]
 
     # -- in the dispatcher -------------------------------------------------------------------
 
@@ -113,12 +127,16 @@ class Bar:
 
     def lower(self) -> None:
         self._values[RAISED] = 0
+        self._values[SEEN] += 1
+
+    def high_fetched(self) -> None:
+        self._values[SEEN] += 1
 
     def wait_for(self, number: int) -> None:
         self._values[WAIT_FOR] = number
 
-    def pause(self, paused: bool) -> None:
-        self._values[PAUSED] = int(paused)
+    def pause_until(self, monotonic_ns: int) -> None:
+        self._values[PAUSED_UNTIL] = monotonic_ns
 
 
 class Peek:
@@ -126,40 +144,42 @@ class Peek:
     (``waiters.Waiter``, as the loop's), and looked at without waiting.
 
     Built in the dispatcher, from what a new process can be given; it connects in the child, as
-    the child starts (``Lookout.connect``). It never raises into the task it looks for, and never holds it up for
-    longer than a connect timeout: while Redis is unreachable it tries again at most every
-    PEEK_RETRY_MAX seconds, and in between it sees nothing.
+    the child starts (``Lookout.connect``). It never raises into the task it looks for, and never
+    holds it up for longer than PEEK_TIMEOUT a step: while Redis is unreachable it tries again at
+    most every PEEK_RETRY_MAX seconds, and in between it sees nothing. Each push answers the wait
+    of every child, and Redis logs each answer as an LMOVE in its append-only file.
     """
 
     def __init__(self, client: redis.Redis, key: str) -> None:
         pool = client.connection_pool
         plain = (str, bytes, int, float, bool, type(None))  # what a new process can be given
         kwargs = {k: v for k, v in pool.connection_kwargs.items() if isinstance(v, plain)}
-        kwargs["socket_connect_timeout"] = min(kwargs.get("socket_connect_timeout") or PEEK_CONNECT_TIMEOUT,
-                                               PEEK_CONNECT_TIMEOUT)
+        for timeout in ("socket_connect_timeout", "socket_timeout"):
+            kwargs[timeout] = min(kwargs.get(timeout) or PEEK_TIMEOUT, PEEK_TIMEOUT)
         self._pool_args = (pool.connection_class, kwargs)
         self._key = key
         self._waiter: Waiter | None = None
         self._poll: select.poll | None = None
         self._fd: int | None = None
         self._retry_at = 0.0
-        self._delay = 0.05
+        self._delay = PEEK_RETRY_FIRST
+        self._sent_seen = 0  # the bar's SEEN when the wait was sent
 
-    def pushed(self) -> bool:
-        """Has a high task been pushed since the last look that said so (or is one waiting)?
-        After it says so, the next look sends the wait again: call it only with the bar down."""
+    def pushed(self, seen: int) -> bool:
+        """Was a high task pushed since the wait was sent, and none fetched since (``seen``:
+        the bar's SEEN now)? After it says so, the next look sends the wait again: call it
+        only with the bar down."""
         try:
-            return self._look()
-        except Exception as exc:  # never into the task it looks for
-            logger.debug("look at %s: %r", self._key, exc)
-            self._broke()
+            return self._look(seen)
+        except PEEK_ERRORS as exc:  # never into the task it looks for
+            self._broke(exc)
             return False
 
-    def _look(self) -> bool:
+    def _look(self, seen: int) -> bool:
         waiter = self._waiter
         fd = None if waiter is None else waiter.fileno()
         if fd is None:
-            self._arm()
+            self._arm(seen)
             return False
         if fd != self._fd:  # a new connection
             self._poll = select.poll()
@@ -168,14 +188,20 @@ class Peek:
         if not self._poll.poll(0):
             waiter.drop_if_overdue(time.monotonic())
             return False
-        got = waiter.read()  # sends the wait again after an empty block
+        got = waiter.read()
         if got is None:
-            self._broke()
+            self._broke("the link broke")
             return False
-        self._delay = 0.05
-        return got
+        self._delay = PEEK_RETRY_FIRST
+        if not got:  # an empty block: read() sent the wait again
+            self._sent_seen = seen
+        elif seen == self._sent_seen:
+            return True
+        else:  # maybe about a task fetched since: ask again
+            self._arm(seen)
+        return False
 
-    def _arm(self) -> None:
+    def _arm(self, seen: int) -> None:
         if time.monotonic() < self._retry_at:
             return
         if self._waiter is None:
@@ -183,11 +209,18 @@ class Peek:
             pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
             self._waiter = Waiter(redis.Redis(connection_pool=pool), self._key)
         self._waiter.arm()
-        if self._waiter.fileno() is None:  # not sent: Redis unreachable
-            self._broke()
+        if self._waiter.fileno() is None:
+            self._broke("Redis unreachable")
+        self._sent_seen = seen
 
-    def _broke(self) -> None:
-        """Redis unreachable, or a reply we cannot read: see nothing for a while."""
+    def _broke(self, why: object) -> None:
+        """See nothing for a while. Redis away comes and goes (the dispatcher says so); any
+        other failure (a password, an ACL) may last, and keeps the lane off in this child: the
+        first of a run of them is a warning."""
+        lasting = not isinstance(why, (str, *REDIS_DOWN)) and self._delay == PEEK_RETRY_FIRST
+        level = logging.WARNING if lasting else logging.DEBUG
+        logger.log(level, "child %d cannot look at %s for high tasks (%s); trying again in %.2fs",
+                   os.getpid(), self._key, why, self._delay)
         if self._waiter is not None:
             self._waiter.close()
         self._retry_at = time.monotonic() + self._delay
@@ -203,14 +236,14 @@ class Lookout:
 
     def connect(self) -> None:
         """In the child, as it starts: connect and send the wait now, not at its first task."""
-        self._peek.pushed()
+        self._peek.pushed(self.bar.seen)
 
     def must_yield(self) -> bool:
         """Before a task that is not high: hand it back? Raises the bar on a push it sees."""
         bar = self.bar
         if bar.must_yield():
             return True
-        if bar.paused or not self._peek.pushed():
+        if bar.paused or not self._peek.pushed(bar.seen):
             return False
         bar.raise_()
         return True
@@ -234,7 +267,7 @@ class HighLane:
         self._high = high_queue
         self._count = 0                     # numbers handed out; never reused
         self._newest: Hashable | None = None
-        self._window_end = 0.0              # the end of the budget's second, from the first
+        self._window_end = 0                # the budget's second (monotonic ns), from the first
         self._handed_back = 0               # task handed back in it; and how many since
 
     @property
@@ -247,6 +280,8 @@ class HighLane:
         0 for a task that is not high, -1 for a high one that need not wait, else its number."""
         if queue != self._high:
             return 0
+        if self._on:
+            self.bar.high_fetched()
         if not self._on or in_pool <= self._procs or self.bar.paused:
             return -1  # it starts at once (or the next task is taken after it anyway)
         self._count += 1
@@ -259,21 +294,15 @@ class HighLane:
             self._newest = None
             self.bar.wait_for(0)
 
-    def check(self) -> None:
-        """Called by the loop every turn: end the budget's second once it is over (and a pause
-        of the lane with it)."""
-        if self._handed_back and time.monotonic() >= self._window_end:
-            self._handed_back = 0
-            self.bar.pause(False)
-
     def handed_back(self) -> None:
-        """A task came back unrun: count it against the budget."""
-        self.check()
-        if not self._handed_back:
-            self._window_end = time.monotonic() + 1.0
+        """A task came back unrun: count it against the budget. A pause ends by the clock: the
+        children see that themselves, even while the loop sleeps."""
+        now = time.monotonic_ns()
+        if now >= self._window_end:
+            self._window_end, self._handed_back = now + 1_000_000_000, 0
         self._handed_back += 1
         if self._handed_back == HAND_BACK_BUDGET:
-            self.bar.pause(True)
+            self.bar.pause_until(self._window_end)
             logger.debug("%d tasks handed back for high ones this second: high tasks wait their "
                          "turn in the pool until it is over", HAND_BACK_BUDGET)
 
@@ -287,4 +316,5 @@ class HighLane:
     def give_up(self) -> None:
         """Lower the bar: no high task is left in Redis, or Redis is unreachable and no fetch
         can take it, so let the children run the rest."""
-        self.bar.lower()
+        if self.bar.raised:
+            self.bar.lower()

@@ -82,7 +82,8 @@ class Wakeup:
 
 
 class Waiter:
-    """One list's non-consuming blocking wait, sent and read by the loop's own thread."""
+    """One list's non-consuming blocking wait, sent and read by one thread: the loop's, or a
+    worker child's (``dispatcher.urgent.Peek``)."""
 
     def __init__(self, client: redis.Redis, key: str) -> None:
         self.key = key

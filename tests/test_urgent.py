@@ -11,6 +11,7 @@ from dispatcher import urgent
 from dispatcher.store import connect
 from dispatcher.urgent import HAND_BACK_BUDGET, HighLane, Lookout, Peek
 from procs import wait_for
+from worker_pool import SoftTimeLimitExceeded
 
 CTX = multiprocessing.get_context("forkserver")
 
@@ -63,7 +64,7 @@ class _Saw:
     def __init__(self) -> None:
         self.push = False
 
-    def pushed(self) -> bool:
+    def pushed(self, seen: int) -> bool:
         return self.push
 
 
@@ -73,9 +74,9 @@ def test_a_child_raises_the_bar_on_a_push_it_sees_unless_the_lane_is_paused():
     lookout = Lookout(lane.bar, saw)
     assert not lookout.must_yield()
     saw.push = True
-    lane.bar.pause(True)
+    lane.bar.pause_until(time.monotonic_ns() + 60 * 10**9)
     assert not lookout.must_yield() and not lane.raised
-    lane.bar.pause(False)
+    lane.bar.pause_until(0)
     assert lookout.must_yield() and lane.raised
     saw.push = False
     assert lookout.must_yield()                                 # until the loop lowers it
@@ -88,42 +89,80 @@ def test_a_child_raises_the_bar_on_a_push_it_sees_unless_the_lane_is_paused():
 @pytest.mark.timeout(30)
 def test_a_childs_look_sees_a_push_as_soon_as_it_is_made_and_consumes_nothing(redis_url, r):
     peek = Peek(connect(redis_url, retries=0), "t:high")
-    assert not peek.pushed()                                    # the first look sends the wait
-    wait_for(lambda: _blocked(r), 10, what="the look waiting on the list")
-    assert not peek.pushed()
+    assert not peek.pushed(0)                                   # the first look sends the wait
+    wait_for(lambda: _blocked(r) == 1, 10, what="the look waiting on the list")
+    assert not peek.pushed(0)
     r.lpush("t:high", b"h1")
-    wait_for(peek.pushed, 10, what="the push seen")
+    wait_for(lambda: peek.pushed(0), 10, what="the push seen")
     assert r.lrange("t:high", 0, -1) == [b"h1"]                 # nothing consumed
-    assert not peek.pushed()                                    # sent again: h1 is still there
-    wait_for(peek.pushed, 10, what="h1 seen again")
+    assert not peek.pushed(0)                                   # sent again: h1 is still there
+    wait_for(lambda: peek.pushed(0), 10, what="h1 seen again")
+
+
+@pytest.mark.timeout(30)
+def test_one_push_raises_the_bar_once_though_every_child_sees_it(redis_url, r):
+    """A reply read after the loop fetched a high task, or lowered the bar, may be about a task
+    already taken: it does not raise the bar again (one raise per child would hand back tasks
+    for nothing, one round after another)."""
+    lane = _lane(procs=2)
+    lookouts = [Lookout(lane.bar, Peek(connect(redis_url, retries=0), "t:high")) for _ in range(3)]
+    for lookout in lookouts:
+        lookout.connect()
+    wait_for(lambda: _blocked(r) == 3, 10, what="three looks waiting on the list")
+    r.lpush("t:high", b"h1")
+    wait_for(lookouts[0].must_yield, 10, what="the push seen")
+    r.rpop("t:high")                                            # the loop fetches h1 ...
+    lane.mark("h1", "t:high", in_pool=1)
+    lane.after_fetch(True, 1, 5)                                # ... and lowers the bar
+    assert not lane.raised
+    wait_for(lambda: _blocked(r) == 0, 10, what="every wait answered")
+    for lookout in lookouts[1:]:                                # their replies were about h1:
+        assert not lookout.must_yield() and not lane.raised     # they send their waits again
+    wait_for(lambda: _blocked(r) == 2, 10, what="the others' waits sent again")
+    r.lpush("t:high", b"h2")
+    wait_for(lookouts[1].must_yield, 10, what="a new push seen")
 
 
 @pytest.mark.timeout(30)
 def test_a_look_whose_link_breaks_connects_again_and_never_raises(redis_url, r):
     peek = Peek(connect(redis_url, retries=0), "t:high")
-    peek.pushed()
-    wait_for(lambda: _blocked(r), 10, what="the look waiting on the list")
+    peek.pushed(0)
+    wait_for(lambda: _blocked(r) == 1, 10, what="the look waiting on the list")
     r.client_kill_filter(_id=next(c["id"] for c in r.client_list() if c["cmd"] == "blmove"))
-    wait_for(lambda: not peek.pushed() and not _blocked(r) and peek._retry_at > 0, 10,
+    wait_for(lambda: not peek.pushed(0) and not _blocked(r) and peek._retry_at > 0, 10,
              what="the broken link noticed")
     r.lpush("t:high", b"h1")
-    wait_for(peek.pushed, 10, what="the push seen on a new connection")
+    wait_for(lambda: peek.pushed(0), 10, what="the push seen on a new connection")
 
 
 def test_a_look_at_an_unreachable_redis_sees_nothing_and_waits_before_it_tries_again():
     peek = Peek(connect("redis://127.0.0.1:1/0", retries=0), "t:high")  # nothing listens there
-    assert not peek.pushed()
+    assert not peek.pushed(0)
     assert peek._retry_at > time.monotonic()                    # not a connect at every task
-    assert not peek.pushed()
+    assert not peek.pushed(0)
 
 
-def _blocked(r) -> bool:
-    return any(c["cmd"] == "blmove" for c in r.client_list())
+def test_a_look_lets_the_tasks_own_exceptions_through():
+    """The soft time limit's alarm may fire during a look: swallowed, the task would run on
+    with no limit."""
+    peek = Peek(connect("redis://127.0.0.1:1/0", retries=0), "t:high")
+
+    def alarm(seen: int) -> bool:
+        raise SoftTimeLimitExceeded("soft limit")
+    peek._look = alarm
+    with pytest.raises(SoftTimeLimitExceeded):
+        peek.pushed(0)
+
+
+def _blocked(r) -> int:
+    return sum("b" in c["flags"] for c in r.client_list())  # "cmd" is the last command, served or not
 
 
 def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(urgent.time, "monotonic", lambda: clock[0])
+    """The pause ends by the clock, which the children read themselves: a loop asleep (every
+    slot busy with slow tasks) need not wake to end it."""
+    clock = [100 * 10**9]
+    monkeypatch.setattr(urgent.time, "monotonic_ns", lambda: clock[0])
     lane = _lane()
     for _ in range(HAND_BACK_BUDGET - 1):
         lane.handed_back()
@@ -131,11 +170,9 @@ def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(mo
     lane.handed_back()
     assert lane.bar.paused                                      # children raise the bar no more
     assert lane.mark("a", "t:high", in_pool=5) == -1            # and nothing waits for a high task
-    clock[0] += 0.5
-    lane.check()
+    clock[0] += 5 * 10**8
     assert lane.bar.paused
-    clock[0] += 0.5                                             # the second is over
-    lane.check()
+    clock[0] += 5 * 10**8                                       # the second is over
     assert not lane.bar.paused and lane.mark("b", "t:high", in_pool=5) > 0
     lane.handed_back()                                          # a new second begins
     assert not lane.bar.paused
