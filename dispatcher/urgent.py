@@ -44,6 +44,7 @@ import redis
 
 from dispatcher.store import REDIS_DOWN
 from dispatcher.waiters import Waiter
+from worker_pool import Declined
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ PEEK_ERRORS = (redis.RedisError, OSError, ValueError)  # not the task's own (a s
 RAISED, WAIT_FOR, PAUSED_UNTIL, SEEN, TAKEN = range(5)
 
 
-class YieldedToHighTask(Exception):
+class YieldedToHighTask(Declined):
     """A task handed back unrun by its child because a high task waits (never an error)."""
 
 

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from worker_pool import SoftTimeLimitExceeded
+from worker_pool import Declined, SoftTimeLimitExceeded
 
 
 def noop() -> None:
@@ -25,6 +25,14 @@ def double(x: int) -> int:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+class Busy(Declined):
+    pass
+
+
+def decline(message: str) -> None:
+    raise Busy(message)
 
 
 def sys_exit(code: int) -> None:

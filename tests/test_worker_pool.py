@@ -125,6 +125,12 @@ def test_exception_carries_the_remote_traceback(make_pool):
 
 
 @pytest.mark.timeout(20)
+def test_a_job_that_declines_ends_with_its_error_but_no_traceback(make_pool):
+    end = run_one(make_pool(), pool_jobs.decline, "not now")
+    assert (end.ok, end.error_type, end.error_message, end.traceback) == (False, "Busy", "not now", "")
+
+
+@pytest.mark.timeout(20)
 def test_system_exit_in_fn_is_an_error_not_a_death(make_pool):
     pool = make_pool(1)
     pid = pool.pids()[0]
