@@ -58,7 +58,7 @@ HAND_BACK_BUDGET = 500
 # up for long (it reads only once poll says a reply has come, so this bounds every wait)
 PEEK_TIMEOUT = 0.5
 PEEK_RETRY_FIRST = 0.05
-PEEK_RETRY_MAX = 5.0  # longest pause between a child's tries while Redis is unreachable
+PEEK_RETRY_MAX = 1.0  # longest pause between a child's tries while Redis is unreachable
 PEEK_ERRORS = (redis.RedisError, OSError, ValueError)  # not the task's own (a soft time limit)
 
 # The shared values; the ring of marks starts at TAKEN
