@@ -74,14 +74,16 @@ class Bar:
 
     RAISED is raised by the children, from what their looks saw, and lowered by the loop. One
     push answers every child's wait, and a child reads its reply only at its next task, maybe
-    long after: SEEN counts the loop's fetches that took high tasks, and its lowerings of the
-    bar, and a reply to a wait sent before the latest of them does not raise the bar (the child
-    sends the wait again; if a high task is still there, the reply comes at once). What is left
-    is a raise racing a lowering, or a fetch just made: the bar is up with no high task left in
-    Redis, and the loop's next fetch takes fewer than it asked for and lowers it again, at the
-    cost of a task or two handed back. WAIT_FOR, the number of the high task the bar waits for
+    long after: SEEN counts the high tasks the loop has fetched, and its lowerings of the bar. A
+    reply to a wait sent before the latest of them may be about a task already taken, so the
+    child asks Redis first (LLEN, one round trip) and raises the bar only if a high task is
+    there. What is left: a raise racing a lowering or a fetch, or a push that another
+    dispatcher's fetch took. Then the bar is up with no high task left in Redis, and the loop's
+    next fetch takes fewer than it asked for and lowers it again, at the cost of a task or two
+    handed back. A raise lost to a lowering comes again at the next look of a child that saw
+    the push, through that round trip. WAIT_FOR, the number of the high task the bar waits for
     (0: none), PAUSED_UNTIL (the end of a pause of the lane, by the monotonic clock, which all
-    processes of a machine share) and SEEN are written by the loop only. A child taking high
+    processes of a machine share on Linux and macOS) and SEEN are written by the loop only. A child taking high
     task n writes n in mark n % size of a ring, unless a newer number is there. No lock: a lock
     held by a child killed mid-task would stop every other child for good. The ring is more than
     twice as long as the pool's queue, so the mark of a task still in it is never overwritten by
@@ -145,9 +147,12 @@ class Peek:
     (``waiters.Waiter``, as the loop's), and looked at without waiting.
 
     Built in the dispatcher, from what a new process can be given; it connects in the child, as
-    the child starts (``Lookout.connect``). It never raises into the task it looks for, and never
-    holds it up for longer than PEEK_TIMEOUT a step: while Redis is unreachable it tries again at
-    most every PEEK_RETRY_MAX seconds, and in between it sees nothing. Each push answers the wait
+    the child starts (``Lookout.connect``). It never raises into the task it looks for (but the
+    task's own exceptions: its soft time limit may fire during a look), and each step that can
+    wait (a connect, per address; a reply) is bounded by PEEK_TIMEOUT; a name lookup is not.
+    While Redis is unreachable it tries again at most every PEEK_RETRY_MAX seconds, at a task's
+    start, and in between it sees nothing (against a host that drops packets, a child with
+    short tasks spends up to a third of its time connecting while that lasts). Each push answers the wait
     of every child, and Redis logs each answer as an LMOVE in its append-only file.
     """
 
@@ -175,6 +180,10 @@ class Peek:
         except PEEK_ERRORS as exc:  # never into the task it looks for
             self._broke(exc)
             return False
+        except BaseException:  # the task's own (its soft time limit), maybe mid-handshake
+            if self._waiter is not None:
+                self._waiter.close()  # a reply half read would be taken for the next one's
+            raise
 
     def _look(self, seen: int) -> bool:
         waiter = self._waiter
@@ -191,16 +200,18 @@ class Peek:
             return False
         got = waiter.read()
         if got is None:
-            self._broke("the link broke")
+            self._broke(waiter.error)
             return False
         self._delay = PEEK_RETRY_FIRST
         if not got:  # an empty block: read() sent the wait again
             self._sent_seen = seen
-        elif seen == self._sent_seen:
+            return False
+        if seen == self._sent_seen:
             return True
-        else:  # maybe about a task fetched since: ask again
-            self._arm(seen)
-        return False
+        # Maybe about a task fetched since: ask Redis (one round trip, after a push only)
+        waiting = waiter.length() > 0
+        self._arm(seen)
+        return waiting
 
     def _arm(self, seen: int) -> None:
         if time.monotonic() < self._retry_at:
@@ -211,15 +222,16 @@ class Peek:
             self._waiter = Waiter(redis.Redis(connection_pool=pool), self._key)
         self._waiter.arm()
         if self._waiter.fileno() is None:
-            self._broke("Redis unreachable")
+            self._broke(self._waiter.error)
         self._sent_seen = seen
 
-    def _broke(self, why: object) -> None:
+    def _broke(self, why: Exception | None) -> None:
         """See nothing for a while. Redis away comes and goes (the dispatcher says so); any
         other failure (a password, an ACL) may last, and keeps the lane off in this child: the
         first of a run of them is a warning."""
-        lasting = not isinstance(why, (str, *REDIS_DOWN)) and self._delay == PEEK_RETRY_FIRST
-        level = logging.WARNING if lasting else logging.DEBUG
+        lasting = isinstance(why, (redis.AuthenticationError, redis.ResponseError)) or (
+            why is not None and not isinstance(why, REDIS_DOWN))
+        level = logging.WARNING if lasting and self._delay == PEEK_RETRY_FIRST else logging.DEBUG
         logger.log(level, "child %d cannot look at %s for high tasks (%s); trying again in %.2fs",
                    os.getpid(), self._key, why, self._delay)
         if self._waiter is not None:

@@ -89,6 +89,7 @@ class Waiter:
         self.key = key
         self._conn = client.connection_pool.make_connection()
         self._sent_at: float | None = None  # monotonic time of the BLMOVE awaiting its reply
+        self.error: Exception | None = None  # why the last arm() or read() failed
 
     def arm(self) -> None:
         if self._sent_at is not None:
@@ -96,7 +97,8 @@ class Waiter:
         try:
             send_look(self._conn, self.key, BLOCK_SECONDS)
             self._sent_at = time.monotonic()
-        except REDIS_DOWN:
+        except REDIS_DOWN as exc:
+            self.error = exc
             self._conn.disconnect()  # the loop's fetch reports the outage; next arm() reconnects
 
     def fileno(self) -> int | None:
@@ -112,11 +114,17 @@ class Waiter:
             got = self._conn.read_response()
         except (*REDIS_DOWN, redis.ResponseError) as exc:
             logger.debug("waiter on %s: %s", self.key, exc)
+            self.error = exc
             self._conn.disconnect()
             return None
         if got is None:
             self.arm()
         return got is not None
+
+    def length(self) -> int:
+        """LLEN of the list, on this connection: only while no wait is sent."""
+        self._conn.send_command("LLEN", self.key, check_health=False)
+        return self._conn.read_response()
 
     def drop_if_overdue(self, now: float) -> None:
         if self._sent_at is not None and now - self._sent_at > BLOCK_SECONDS + LATE:

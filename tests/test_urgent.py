@@ -2,6 +2,7 @@
 tasks in the pool, and a child's own look at the high list against a real server."""
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 
@@ -124,6 +125,25 @@ def test_one_push_raises_the_bar_once_though_every_child_sees_it(redis_url, r):
 
 
 @pytest.mark.timeout(30)
+def test_a_push_made_after_the_bar_was_lowered_is_seen_at_the_next_look(redis_url, r):
+    """A child whose reply came before the loop fetched and lowered the bar asks Redis itself:
+    a high task pushed since must not wait for the look after."""
+    lane = _lane(procs=2)
+    first, second = (Lookout(lane.bar, Peek(connect(redis_url, retries=0), "t:high")) for _ in range(2))
+    first.connect()
+    second.connect()
+    wait_for(lambda: _blocked(r) == 2, 10, what="two looks waiting on the list")
+    r.lpush("t:high", b"h0")
+    wait_for(first.must_yield, 10, what="the push seen")
+    r.rpop("t:high")                                            # the loop fetches h0 ...
+    lane.mark("h0", "t:high", in_pool=1)
+    lane.after_fetch(True, 1, 5)                                # ... and lowers the bar
+    wait_for(lambda: _blocked(r) == 0, 10, what="every wait answered")
+    r.lpush("t:high", b"h1")
+    assert second.must_yield() and lane.raised
+
+
+@pytest.mark.timeout(30)
 def test_a_look_whose_link_breaks_connects_again_and_never_raises(redis_url, r):
     peek = Peek(connect(redis_url, retries=0), "t:high")
     peek.pushed(0)
@@ -133,6 +153,28 @@ def test_a_look_whose_link_breaks_connects_again_and_never_raises(redis_url, r):
              what="the broken link noticed")
     r.lpush("t:high", b"h1")
     wait_for(lambda: peek.pushed(0), 10, what="the push seen on a new connection")
+
+
+@pytest.mark.timeout(30)
+def test_a_look_refused_by_redis_says_so_once_as_a_warning(redis_url, r, caplog):
+    """A password or an ACL that refuses the look keeps the lane off in that child until it is
+    mended: unlike Redis away, nothing else in the dispatcher would say so."""
+    caplog.set_level(logging.DEBUG, logger=urgent.__name__)
+    r.acl_setuser("nolook", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-blmove"])
+    try:
+        url = redis_url.replace("redis://", "redis://nolook:pw@")
+        peek = Peek(connect(url, retries=0), "t:high")
+        def refusals() -> list[str]:
+            return [rec.levelname for rec in caplog.records if "cannot look" in rec.getMessage()]
+
+        def look_again() -> bool:
+            peek._retry_at = 0                                  # no need to wait for the retry
+            assert not peek.pushed(0)
+            return len(refusals()) >= 3
+        wait_for(look_again, 10, what="three refusals")
+        assert refusals()[:3] == ["WARNING", "DEBUG", "DEBUG"]
+    finally:
+        r.acl_deluser("nolook")
 
 
 def test_a_look_at_an_unreachable_redis_sees_nothing_and_waits_before_it_tries_again():
