@@ -260,6 +260,7 @@ class Dispatcher:
         except Exception as exc:  # InvalidTask, or a decoder surprise: either way park it, never loop on it
             reason = str(exc) if isinstance(exc, InvalidTask) else f"cannot decode element: {exc!r}"
             logger.warning("dead letter: element from %s is not a runnable task: %s", fetched.queue, reason)
+            self._lane.fetched(fetched.queue)
             self._pending.append(outcomes.invalid_item(fetched.slot, reason, self.store.keys, now))
             self.counters.dead += 1
             return None

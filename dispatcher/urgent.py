@@ -293,14 +293,19 @@ class HighLane:
         0 for a task that is not high, -1 for a high one that need not wait, else its number."""
         if queue != self._high:
             return 0
-        if self._on:
-            self.bar.high_fetched()
+        self.fetched(queue)
         if not self._on or in_pool <= self._procs or self.bar.paused:
             return -1  # it starts at once (or the next task is taken after it anyway)
         self._count += 1
         self._newest = key
         self.bar.wait_for(self._count)
         return self._count
+
+    def fetched(self, queue: str) -> None:
+        """A task came from ``queue`` (mark() says so for those that run; a dead letter, too):
+        a child's reply about a high task pushed before this may be stale (Bar's SEEN)."""
+        if queue == self._high and self._on:
+            self.bar.high_fetched()
 
     def ended(self, key: Hashable) -> None:
         if key == self._newest:

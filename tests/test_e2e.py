@@ -139,10 +139,13 @@ def test_a_deep_prefetch_is_refilled_by_halves(start, client, r):
     assert " ERROR " not in proc.log and " WARNING " not in proc.log
 
 
-def test_a_high_task_passes_the_prefetched_ones(start, client, r):
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn", "fork"])
+def test_a_high_task_passes_the_prefetched_ones(start, client, r, start_method):
     """With --prefetch, the tasks waiting in the pool's queue are handed back unrun when a high
-    task is pushed: it starts as soon as the child is free, and they run after it."""
-    proc = start("--procs", "1", "--prefetch", "4")               # 1 running, 4 waiting in the pool
+    task is pushed: it starts as soon as the child is free, and they run after it. (Each child
+    gets its look at the high list through the pool's initializer: by pickle, or by fork.)"""
+    proc = start("--procs", "1", "--prefetch", "4",               # 1 running, 4 waiting in the pool
+                 "--start-method", start_method)
     lows = [client.enqueue("t.span", 0.4, f"low{i}", priority="low") for i in range(7)]
     wait_for(lambda: r.llen("dispatcher:low") == 2, 10, what="five taken")
     pushed = time.time()

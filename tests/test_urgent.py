@@ -49,6 +49,15 @@ def test_only_a_high_task_that_waits_behind_others_holds_them_back():
     assert lane.mark("b", "t:high", in_pool=9) == -1 and not lane.bar.must_yield()
 
 
+def test_every_high_task_fetched_counts_as_seen_even_a_dead_letter():
+    lane = _lane()
+    lane.mark("a", "t:high", in_pool=1)
+    lane.fetched("t:high")                                  # one that could not run
+    lane.mark("x", "t:low", in_pool=2)
+    lane.fetched("t:low")
+    assert lane.bar.seen == 2
+
+
 def test_a_high_task_that_ends_untaken_holds_nothing_back_and_numbers_are_never_reused():
     lane = _lane()
     lane.mark("a", "t:high", in_pool=2)
