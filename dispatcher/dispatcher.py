@@ -193,6 +193,7 @@ class Dispatcher:
         except Exception:  # the loop's edge: log, back off, resync with Redis, go on
             logger.exception("dispatcher loop error; retrying after a pause")
             self._needs_reconcile = True
+            self._lane.give_up()  # no fetch takes a high task meanwhile: let the children run
             timeout = BACKOFF_MAX
         else:
             self._redis_back()

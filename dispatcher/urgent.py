@@ -170,6 +170,7 @@ class Peek:
         self._retry_at = 0.0
         self._delay = PEEK_RETRY_FIRST
         self._sent_seen = 0  # the bar's SEEN when the wait was sent
+        self._warned = False  # in this run of failures
 
     def pushed(self, seen: int) -> bool:
         """Was a high task pushed since the wait was sent, and none fetched since (``seen``:
@@ -196,21 +197,23 @@ class Peek:
             self._poll.register(fd, select.POLLIN)
             self._fd = fd
         if not self._poll.poll(0):
-            waiter.drop_if_overdue(time.monotonic())
+            waiter.drop_if_overdue(time.monotonic())  # which may reconnect, or fail to
+            if waiter.fileno() is None:
+                self._broke(waiter.error)
             return False
         got = waiter.read()
-        if got is None:
+        if got is None or (got is False and waiter.fileno() is None):  # broke, or not sent again
             self._broke(waiter.error)
             return False
         self._delay = PEEK_RETRY_FIRST
+        self._warned = False
         if not got:  # an empty block: read() sent the wait again
             self._sent_seen = seen
             return False
-        if seen == self._sent_seen:
-            return True
-        # Maybe about a task fetched since: ask Redis (one round trip, after a push only)
-        waiting = waiter.length() > 0
-        self._arm(seen)
+        # A reply to a wait sent before the latest fetch of a high task may be about that one:
+        # ask Redis (one round trip, after a push only)
+        waiting = seen == self._sent_seen or waiter.length() > 0
+        self._arm(seen)  # at once: the next push must be seen at the next look, not the one after
         return waiting
 
     def _arm(self, seen: int) -> None:
@@ -231,7 +234,8 @@ class Peek:
         first of a run of them is a warning."""
         lasting = isinstance(why, (redis.AuthenticationError, redis.ResponseError)) or (
             why is not None and not isinstance(why, REDIS_DOWN))
-        level = logging.WARNING if lasting and self._delay == PEEK_RETRY_FIRST else logging.DEBUG
+        level = logging.WARNING if lasting and not self._warned else logging.DEBUG
+        self._warned = self._warned or lasting
         logger.log(level, "child %d cannot look at %s for high tasks (%s); trying again in %.2fs",
                    os.getpid(), self._key, why, self._delay)
         if self._waiter is not None:
@@ -320,7 +324,11 @@ class HighLane:
             self._window_end, self._handed_back = now + 1_000_000_000, 0
         self._handed_back += 1
         if self._handed_back == HAND_BACK_BUDGET:
+            # Let go of what holds tasks back now, too: nothing is handed back until it is over
             self.bar.pause_until(self._window_end)
+            self._newest = None
+            self.bar.wait_for(0)
+            self.give_up()
             logger.debug("%d tasks handed back for high ones this second: high tasks wait their "
                          "turn in the pool until it is over", HAND_BACK_BUDGET)
 

@@ -71,8 +71,8 @@ def test_a_high_task_that_ends_untaken_holds_nothing_back_and_numbers_are_never_
 
 
 class _Saw:
-    def __init__(self) -> None:
-        self.push = False
+    def __init__(self, push: bool = False) -> None:
+        self.push = push
 
     def pushed(self, seen: int) -> bool:
         return self.push
@@ -105,8 +105,7 @@ def test_a_childs_look_sees_a_push_as_soon_as_it_is_made_and_consumes_nothing(re
     r.lpush("t:high", b"h1")
     wait_for(lambda: peek.pushed(0), 10, what="the push seen")
     assert r.lrange("t:high", 0, -1) == [b"h1"]                 # nothing consumed
-    assert not peek.pushed(0)                                   # sent again: h1 is still there
-    wait_for(lambda: peek.pushed(0), 10, what="h1 seen again")
+    wait_for(lambda: peek.pushed(0), 10, what="h1 seen again")  # the wait was sent again
 
 
 @pytest.mark.timeout(30)
@@ -150,6 +149,7 @@ def test_a_push_made_after_the_bar_was_lowered_is_seen_at_the_next_look(redis_ur
     wait_for(lambda: _blocked(r) == 0, 10, what="every wait answered")
     r.lpush("t:high", b"h1")
     assert second.must_yield() and lane.raised
+    assert first._peek.pushed(lane.bar.seen)                    # the one that raised the bar, too
 
 
 @pytest.mark.timeout(30)
@@ -215,12 +215,15 @@ def test_past_the_hand_back_budget_the_lane_pauses_for_the_rest_of_the_second(mo
     clock = [100 * 10**9]
     monkeypatch.setattr(urgent.time, "monotonic_ns", lambda: clock[0])
     lane = _lane()
+    lane.mark("h", "t:high", in_pool=5)
+    lane.bar.raise_()
     for _ in range(HAND_BACK_BUDGET - 1):
         lane.handed_back()
-    assert not lane.bar.paused
+    assert not lane.bar.paused and lane.bar.must_yield()
     lane.handed_back()
-    assert lane.bar.paused                                      # children raise the bar no more
-    assert lane.mark("a", "t:high", in_pool=5) == -1            # and nothing waits for a high task
+    assert lane.bar.paused and not lane.bar.must_yield()        # nothing held back any more,
+    assert lane.mark("a", "t:high", in_pool=5) == -1            # nor waits for a high task, and
+    assert not Lookout(lane.bar, _Saw(push=True)).must_yield()  # children raise the bar no more
     clock[0] += 5 * 10**8
     assert lane.bar.paused
     clock[0] += 5 * 10**8                                       # the second is over
