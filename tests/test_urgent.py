@@ -120,6 +120,7 @@ def test_one_push_raises_the_bar_once_though_every_child_sees_it(redis_url, r):
     wait_for(lambda: _blocked(r) == 3, 10, what="three looks waiting on the list")
     r.lpush("t:high", b"h1")
     wait_for(lookouts[0].must_yield, 10, what="the push seen")
+    wait_for(lambda: _answered(lookouts[0]), 10, what="its wait, sent again, answered: h1 is there")
     r.rpop("t:high")                                            # the loop fetches h1 ...
     lane.mark("h1", "t:high", in_pool=1)
     lane.after_fetch(True, 1, 5)                                # ... and lowers the bar
@@ -143,6 +144,7 @@ def test_a_push_made_after_the_bar_was_lowered_is_seen_at_the_next_look(redis_ur
     wait_for(lambda: _blocked(r) == 2, 10, what="two looks waiting on the list")
     r.lpush("t:high", b"h0")
     wait_for(first.must_yield, 10, what="the push seen")
+    wait_for(lambda: _answered(first), 10, what="its wait, sent again, answered: h0 is there")
     r.rpop("t:high")                                            # the loop fetches h0 ...
     lane.mark("h0", "t:high", in_pool=1)
     lane.after_fetch(True, 1, 5)                                # ... and lowers the bar
@@ -203,6 +205,11 @@ def test_a_look_lets_the_tasks_own_exceptions_through():
     peek._look = alarm
     with pytest.raises(SoftTimeLimitExceeded):
         peek.pushed(0)
+
+
+def _answered(lookout: Lookout) -> bool:
+    """The reply to the wait its look sent is in the socket (read at its next look)."""
+    return bool(lookout._peek._poll.poll(0))
 
 
 def _blocked(r) -> int:
