@@ -197,9 +197,8 @@ class Peek:
             self._poll.register(fd, select.POLLIN)
             self._fd = fd
         if not self._poll.poll(0):
-            waiter.drop_if_overdue(time.monotonic())  # which may reconnect, or fail to
-            if waiter.fileno() is None:
-                self._broke(waiter.error)
+            if waiter.drop_if_overdue(time.monotonic()) and waiter.fileno() is None:
+                self._broke(waiter.error)  # reconnecting failed
             return False
         got = waiter.read()
         if got is None or (got is False and waiter.fileno() is None):  # broke, or not sent again

@@ -126,12 +126,16 @@ class Waiter:
         self._conn.send_command("LLEN", self.key, check_health=False)
         return self._conn.read_response()
 
-    def drop_if_overdue(self, now: float) -> None:
-        if self._sent_at is not None and now - self._sent_at > BLOCK_SECONDS + LATE:
-            logger.warning("waiter on %s: no reply for %.0fs; reconnecting", self.key, now - self._sent_at)
-            self._sent_at = None
-            self._conn.disconnect()
-            self.arm()
+    def drop_if_overdue(self, now: float) -> bool:
+        """True if the reply was overdue: the wait was sent again on a new connection (or could
+        not be, ``fileno()`` says which)."""
+        if self._sent_at is None or now - self._sent_at <= BLOCK_SECONDS + LATE:
+            return False
+        logger.warning("waiter on %s: no reply for %.0fs; reconnecting", self.key, now - self._sent_at)
+        self._sent_at = None
+        self._conn.disconnect()
+        self.arm()
+        return True
 
     def close(self) -> None:
         self._sent_at = None
