@@ -250,9 +250,10 @@ class Dispatcher:
         free = self.settings.slots - len(self._running)
         return 0 if free >= self.settings.refill_at or self._pending else IDLE_WAIT
 
-    def _prepare(self, fetched: Fetched, now: float) -> tuple[Call, str, float | None] | None:
+    def _prepare(self, fetched: Fetched, now: float) -> tuple[Call, str, float | None, bool] | None:
         """Decode and check a fetched task, and record it as running: (its call, its name, its
-        hard time limit). A task that cannot run is parked as a dead letter instead (None)."""
+        hard time limit, whether it is high). A task that cannot run is parked as a dead letter
+        instead (None)."""
         try:
             task = decode(fetched.element, max_size=self.settings.max_size)
             spec = self.registry.get(task.name)
@@ -272,19 +273,19 @@ class Dispatcher:
                     (task.name, task.args, kwargs, task.id, task.codec,
                      bool(task.want_result or task.reply_to), high),
                     None, _first(task.soft_time_limit, spec.soft_time_limit, self.settings.soft_time_limit))
-        return call, task.name, _first(task.time_limit, spec.time_limit, self.settings.time_limit)
+        time_limit = _first(task.time_limit, spec.time_limit, self.settings.time_limit)
+        return call, task.name, time_limit, high != 0
 
-    def _submit(self, ready: list[tuple[Call, str, float | None]]) -> None:
+    def _submit(self, ready: list[tuple[Call, str, float | None, bool]]) -> None:
         """Hand the tasks to the pool in fetch (priority) order: one job each, or short ones
         together in batches as ``self._batcher`` allows. (Children take jobs in that order; a
         child that ends its batch early may start a later one before another child's batch ends.)"""
         batch: list[Call] = []
         room = 0
-        for call, name, time_limit in ready:
-            # A high task (run()'s last argument is not 0) goes alone: started as soon as taken,
-            # so no task behind it starts first on another child (dispatcher.urgent)
-            alone = time_limit is not None or call.args[-1] != 0
-            size = 1 if alone else self._batcher.size(name, len(ready))
+        for call, name, time_limit, high in ready:
+            # A high task goes alone: started as soon as taken, so no task behind it starts
+            # first on another child (dispatcher.urgent)
+            size = 1 if time_limit is not None or high else self._batcher.size(name, len(ready))
             if batch and (size < 2 or len(batch) >= min(room, size)):
                 self._submit_batch(batch)
                 batch = []
