@@ -359,7 +359,7 @@ def main() -> int:
     server = start_server(workdir / "redis", appendfsync="everysec")
     r = redis.Redis.from_url(server.url)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                 "procs": PROCS, "prefetch": PREFETCH}
+                 "procs": PROCS, "prefetch": PREFETCH, "runs": runs}
     prefetch = ("--prefetch", str(PREFETCH))
     try:
         out.update(median_of(runs, bench_raw_pool, n_drain))
@@ -384,7 +384,6 @@ def main() -> int:
         lows = 500 if args.quick else 2000
         out.update(priority_of(runs, server.url, r, workdir, lows, 20))
         out.update(suffixed(priority_of(runs, server.url, r, workdir, lows, 20, *prefetch), "prefetch"))
-        out["priority_runs"] = runs
         out["rss_kb_1k_queued"] = bench_rss(server.url, r, workdir, 1_000)
         if not args.quick:
             out["rss_kb_1m_queued"] = bench_rss(server.url, r, workdir, 1_000_000)
@@ -401,7 +400,7 @@ def _overtakers(out: dict, suffix: str = "") -> str:
     latest_ms = out["overtakers_latest_start_ms" + suffix]
     if math.isnan(latest_ms):
         return "none in any run"
-    return (f"{out['runs_with_overtakers' + suffix]} of {out['priority_runs']} runs had some; the latest "
+    return (f"{out['runs_with_overtakers' + suffix]} of {out['runs']} runs had some; the latest "
             f"started {latest_ms:.2f} ms after the push (median of those runs)")
 
 
