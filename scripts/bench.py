@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -349,7 +350,7 @@ def _median(values: list[float]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median); default 3")
+    parser.add_argument("--runs", type=_positive, default=3, help="runs per figure (median); default 3")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, one run, no 1M RSS")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -361,6 +362,7 @@ def main() -> int:
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                  "procs": PROCS, "prefetch": PREFETCH, "runs": runs}
     prefetch = ("--prefetch", str(PREFETCH))
+    ok = False
     try:
         out.update(median_of(runs, bench_raw_pool, n_drain))
         out.update(median_of(runs, bench_drain, server.url, r, workdir, n_drain))
@@ -387,13 +389,26 @@ def main() -> int:
         out["rss_kb_1k_queued"] = bench_rss(server.url, r, workdir, 1_000)
         if not args.quick:
             out["rss_kb_1m_queued"] = bench_rss(server.url, r, workdir, 1_000_000)
+        ok = True
     finally:
         server.stop()
+        if ok:  # the server's files and the dispatchers' logs: kept only to find out what failed
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"bench failed; the dispatchers' logs and the server's files are in {workdir}",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print_table(out)
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _overtakers(out: dict, suffix: str = "") -> str:
