@@ -357,13 +357,13 @@ def main() -> int:
     runs = 1 if args.quick else args.runs
     n_drain = 5_000 if args.quick else 20_000
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-    server = start_server(workdir / "redis", appendfsync="everysec")
-    r = redis.Redis.from_url(server.url)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                  "procs": PROCS, "prefetch": PREFETCH, "runs": runs}
     prefetch = ("--prefetch", str(PREFETCH))
-    ok = False
+    server, ok = None, False
     try:
+        server = start_server(workdir / "redis", appendfsync="everysec")
+        r = redis.Redis.from_url(server.url)
         out.update(median_of(runs, bench_raw_pool, n_drain))
         out.update(median_of(runs, bench_drain, server.url, r, workdir, n_drain))
         out["ratio_to_raw_pool"] = out["drain_per_s"] / out["raw_pool_per_s"]
@@ -391,7 +391,8 @@ def main() -> int:
             out["rss_kb_1m_queued"] = bench_rss(server.url, r, workdir, 1_000_000)
         ok = True
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         if ok:  # the server's files and the dispatchers' logs: kept only to find out what failed
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -405,7 +406,10 @@ def main() -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
