@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import select
 import time
 from collections.abc import Hashable
+from typing import Any
 from multiprocessing.context import BaseContext
 
 import redis
@@ -158,8 +160,7 @@ class Peek:
 
     def __init__(self, client: redis.Redis, key: str) -> None:
         pool = client.connection_pool
-        plain = (str, bytes, int, float, bool, type(None))  # what a new process can be given
-        kwargs = {k: v for k, v in pool.connection_kwargs.items() if isinstance(v, plain)}
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if _travels(k, v)}
         for timeout in ("socket_connect_timeout", "socket_timeout"):
             kwargs[timeout] = min(kwargs.get(timeout) or PEEK_TIMEOUT, PEEK_TIMEOUT)
         self._pool_args = (pool.connection_class, kwargs)
@@ -241,6 +242,24 @@ class Peek:
             self._waiter.close()
         self._retry_at = time.monotonic() + self._delay
         self._delay = min(PEEK_RETRY_MAX, self._delay * 2)
+
+
+def _travels(name: str, value: Any) -> bool:
+    """Can this connection setting be given to a child? Plain values can. Of the objects, only
+    a credential provider: without it a child's look is refused (its lane stays off, with a
+    warning) while the loop's own connection logs in. Others (pool handlers holding locks,
+    sentinels compared by identity) would not survive the copy, and the look does without them."""
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return True
+    if name != "credential_provider":
+        return False
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 -- any reason it cannot be copied: the look goes without it
+        logger.warning("the children cannot be given this client's credential provider (%s): "
+                       "their look at the high list will try without it", type(value).__name__)
+        return False
+    return True
 
 
 class Lookout:

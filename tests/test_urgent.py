@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import time
 
 import pytest
+import redis
+from redis.credentials import UsernamePasswordCredentialProvider
 
 from dispatcher import urgent
 from dispatcher.store import connect
@@ -164,6 +167,24 @@ def test_a_look_whose_link_breaks_connects_again_and_never_raises(redis_url, r):
              what="the broken link noticed")
     r.lpush("t:high", b"h1")
     wait_for(lambda: peek.pushed(0), 10, what="the push seen on a new connection")
+
+
+@pytest.mark.timeout(30)
+def test_a_look_logs_in_with_the_clients_credential_provider(redis_url, r):
+    """An embedding may log in with a credential provider rather than a URL's password: the
+    children, which get the look as a copy, must log in the same way."""
+    r.acl_setuser("looker", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
+    r.acl_setuser("default", enabled=True, commands=["-blmove"])  # a look without the provider fails
+    try:
+        where = r.connection_pool.connection_kwargs
+        client = redis.Redis(host=where["host"], port=where["port"], credential_provider=UsernamePasswordCredentialProvider("looker", "pw"))
+        peek = pickle.loads(pickle.dumps(Peek(client, "t:high")))  # as a child gets it
+        wait_for(lambda: not peek.pushed(0) and _blocked(r) == 1, 10, what="the look waiting on the list")
+        r.lpush("t:high", b"h1")
+        wait_for(lambda: peek.pushed(0), 10, what="the push seen")
+    finally:
+        r.acl_setuser("default", enabled=True, commands=["+blmove"])
+        r.acl_deluser("looker")
 
 
 @pytest.mark.timeout(30)
