@@ -41,12 +41,20 @@ def _reply_targets(task: Task, keys: Keys) -> tuple[str, str]:
     return result_key, task.reply_to or ""
 
 
+def _with_reply(item: dict[str, Any], task: Task, keys: Keys) -> dict[str, Any]:
+    """A reply_to key is the producer's, and may refuse the outcome (a key of another type):
+    then finish.lua keeps it under the task's result key instead (and says so)."""
+    if item["reply_to"]:
+        item["keep_key"] = keys.result(task.id)
+    return item
+
+
 def ack_item(slot: int, task: Task, reply: bytes | None, keys: Keys, policy: Policy) -> dict[str, Any]:
     if not reply:  # nobody asked for the outcome: the slot alone says "done" (finish.lua)
         return {"slot": slot}
     result_key, reply_to = _reply_targets(task, keys)
-    return {"slot": slot, "action": "ack", "result_key": result_key, "reply_to": reply_to,
-            "reply": reply, "ttl": policy.result_ttl}
+    return _with_reply({"slot": slot, "action": "ack", "result_key": result_key, "reply_to": reply_to,
+                        "reply": reply, "ttl": policy.result_ttl}, task, keys)
 
 
 def failure_item(slot: int, task: Task, source: str, error: tuple[str, str, str], max_retries: int,
@@ -68,8 +76,9 @@ def failure_item(slot: int, task: Task, source: str, error: tuple[str, str, str]
               "traceback": traceback[-20_000:], "attempts": attempts, "dead_at": iso(now)}
     if task.enqueued_at:
         fields["enqueued_at"] = iso(task.enqueued_at)
-    return dead_item(slot, fields, keys, payload=replace(task, attempt=0).encode(),
-                     result_key=result_key, reply_to=reply_to, reply=reply, ttl=policy.result_ttl)
+    return _with_reply(dead_item(slot, fields, keys, payload=replace(task, attempt=0).encode(),
+                                 result_key=result_key, reply_to=reply_to, reply=reply,
+                                 ttl=policy.result_ttl), task, keys)
 
 
 def invalid_item(slot: int, reason: str, keys: Keys, now: float) -> dict[str, Any]:

@@ -132,7 +132,9 @@ class Store:
         for reply in replies:
             if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
                 raise reply
-        if items and isinstance(replies[0], Exception):
+        if items and not isinstance(replies[0], Exception):
+            _finished(replies[0], items)
+        elif items:
             self.finish(dispatcher_id, items)  # the Script object loads the source on NOSCRIPT
             if most and isinstance(replies[-1], list) and len(replies[-1]) == 1:
                 # It took nothing, maybe for want of the tokens this finish gives back: a fresh
@@ -166,7 +168,7 @@ class Store:
         """Apply a batch of outcomes (see finish.lua for the item shapes)."""
         if not items:
             return 0
-        return int(self._finish(keys=self._finish_keys(dispatcher_id), args=[_pack(items)]))
+        return _finished(self._finish(keys=self._finish_keys(dispatcher_id), args=[_pack(items)]), items)
 
     def reconcile(self, dispatcher_id: str, slots: int,
                   known: Iterable[tuple[int, str, bytes]] = ()) -> int:
@@ -301,6 +303,18 @@ class _Connection:
 
 def _evalsha(script: Any, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _finished(reply: list, items: list[dict[str, Any]]) -> int:
+    """finish.lua's reply: the items applied, then each reply_to that refused its outcome (the
+    producer's key: another type, say). Said at WARNING, with where the outcome is instead."""
+    for i in range(1, len(reply) - 1, 2):
+        slot, why = int(reply[i]), reply[i + 1]
+        item = next(item for item in items if item["slot"] == slot)
+        logger.warning("could not send an outcome to reply_to %r (%s); it is kept under %s for %ds",
+                       item["reply_to"], why.decode(errors="replace") if isinstance(why, bytes) else why,
+                       item["keep_key"], item["ttl"])
+    return int(reply[0])
 
 
 def _pack(items: list[dict[str, Any]]) -> bytes:

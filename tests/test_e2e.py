@@ -90,6 +90,20 @@ def test_bad_input_is_parked_unchanged_with_a_reason(start, client, r, redis_url
     assert r.llen("dispatcher:dead") == 0
 
 
+def test_a_reply_to_key_of_another_type_costs_only_the_reply_not_the_outcome(start, client, r):
+    """A producer's reply_to that holds a string: the outcome is kept under the result key, a
+    warning names the key, and the dispatcher goes on at once (no loop error, no pause)."""
+    proc = start("--procs", "1")
+    r.set("my:replies", "not a list")
+    r.lpush("dispatcher:normal", '{"task": "t.echo", "args": [7], "id": "r1", "reply_to": "my:replies"}')
+    assert client.handle("r1").result(timeout=20)["args"] == [7]
+    assert client.enqueue("t.echo", 8).result(timeout=20)["args"] == [8]
+    wait_for(lambda: "could not send an outcome to reply_to 'my:replies'" in proc.log, 10, what="the warning")
+    assert "dispatcher:result:r1" in proc.log
+    assert "loop error" not in proc.log                            # which pauses the loop for 2 s
+    assert r.get("my:replies") == b"not a list" and r.llen("dispatcher:dead") == 0
+
+
 def test_strict_priority_and_fifo(start, client, r, redis_url):
     for priority in ("low", "normal", "high"):
         for i in range(3):

@@ -1,6 +1,7 @@
 """The server-side scripts, checked at the data level against a real server."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -116,8 +117,9 @@ def test_batches_beyond_luas_unpack_limit_are_taken_and_finished_whole(r):
     assert r.llen("t:normal") == 0 and r.llen("t:low") == 500
 
 
-def test_a_finish_that_fails_on_a_bad_reply_key_is_not_written_twice_by_its_retry(r):
-    """Redis keeps a script's writes made before an error: each lease goes before its writes."""
+def test_a_finish_that_fails_midway_is_not_written_twice_by_its_retry(r):
+    """Redis keeps a script's writes made before an error: each lease goes before its writes.
+    (The dead-letter list made a string by hand stands for any write that fails.)"""
     store = make_store(r)
     store.reconcile("d1", 3)
     store.push("normal", [b"a", b"b", b"c"])
@@ -126,13 +128,44 @@ def test_a_finish_that_fails_on_a_bad_reply_key_is_not_written_twice_by_its_retr
     items = [
         {"slot": a.slot, "action": "ack", "result_key": "", "reply_to": "", "reply": b"", "ttl": 50},
         {"slot": b.slot, "action": "ack", "result_key": "t:result:b", "reply_to": "", "reply": b"B", "ttl": 50},
-        {"slot": c.slot, "action": "ack", "result_key": "", "reply_to": "not-a-list", "reply": b"C", "ttl": 50},
+        {"slot": c.slot, "action": "dead", "dead_id": "x", "dead_list": "not-a-list", "dead_key": "t:dead:x",
+         "fields": {"reason": "r"}, "result_key": "", "reply_to": "", "reply": b"", "ttl": 50},
     ]
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         store.finish("d1", items)
     assert store.finish("d1", items) == 0            # the retry finds no lease: nothing written again
     assert r.lrange("t:result:b", 0, -1) == [b"B"]
     assert r.llen(KEYS.tokens("d1")) == 3 and r.hlen(KEYS.inflight("d1")) == 0
+
+
+def test_a_reply_to_that_refuses_the_outcome_keeps_it_under_the_result_key_and_says_so(r, caplog):
+    """reply_to is the producer's key: one of another type must neither abort the batch (the
+    other outcomes, the tokens) nor lose the outcome."""
+    store = make_store(r)
+    store.reconcile("d1", 3)
+    store.push("normal", [b"a", b"b", b"c"])
+    a, b, c = store.fetch("d1", 3)
+    r.set("not-a-list", "x")
+    items = [
+        {"slot": a.slot, "action": "ack", "result_key": "", "reply_to": "not-a-list", "reply": b"A",
+         "ttl": 50, "keep_key": "t:result:a"},
+        {"slot": b.slot, "action": "ack", "result_key": "t:result:b", "reply_to": "replies", "reply": b"B",
+         "ttl": 50, "keep_key": "t:result:b"},
+        {"slot": c.slot, "action": "dead", "dead_id": "x", "dead_list": KEYS.dead, "dead_key": KEYS.dead_entry("x"),
+         "fields": {"reason": "r"}, "result_key": "t:result:c", "reply_to": "not-a-list", "reply": b"C",
+         "ttl": 50, "keep_key": "t:result:c"},
+    ]
+    caplog.set_level(logging.WARNING)
+    assert store.finish_and_fetch("d1", items, 0) == []
+    assert r.get("not-a-list") == b"x"
+    assert r.lrange("t:result:a", 0, -1) == [b"A"] and 0 < r.ttl("t:result:a") <= 50
+    assert r.lrange("replies", 0, -1) == [b"B"] and r.lrange("t:result:b", 0, -1) == [b"B"]
+    assert r.lrange("t:result:c", 0, -1) == [b"C"] and r.llen(KEYS.dead) == 1
+    assert r.llen(KEYS.tokens("d1")) == 3 and r.hlen(KEYS.inflight("d1")) == 0
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "reply_to 'not-a-list' (WRONGTYPE" in warnings[0] and "kept under t:result:a for 50s" in warnings[0]
+    assert "kept under t:result:c" in warnings[1]
 
 
 def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r):

@@ -16,25 +16,38 @@ ARGV[1]   msgpack array of maps, each with "slot" and "action":
   dead     dead_list, dead_key, fields (map), payload (optional; default the in-flight
            element), result_key, reply_to, reply, ttl
   requeue                                          put the element back at the head of its list
-  result_key / reply_to are "" when nobody asked for the outcome.
-Returns the number of items applied.
+  result_key / reply_to are "" when nobody asked for the outcome. An item with a reply_to also
+  has keep_key: where the outcome is kept if reply_to refuses it.
+Returns {number of items applied, then slot, error for each reply_to that refused its outcome}.
 ]]
+local refused = {}
+
+-- reply_to is the producer's key: it may hold another type (or, on Cluster, hash to another
+-- slot). A refusal must not abort the script (the batch's other outcomes) nor lose this one:
+-- the outcome goes to keep_key instead, and the caller is told.
 local function reply(item)
-  if item.result_key ~= '' then
-    redis.call('DEL', item.result_key)
-    redis.call('RPUSH', item.result_key, item.reply)
-    redis.call('EXPIRE', item.result_key, item.ttl)
-  end
+  local keep = item.result_key
   if item.reply_to ~= '' then
-    redis.call('LPUSH', item.reply_to, item.reply)
-    redis.call('EXPIRE', item.reply_to, item.ttl)
+    local pushed = redis.pcall('LPUSH', item.reply_to, item.reply)
+    if type(pushed) == 'table' and pushed.err then
+      refused[#refused + 1] = item.slot
+      refused[#refused + 1] = pushed.err
+      keep = item.keep_key
+    else
+      redis.call('EXPIRE', item.reply_to, item.ttl)
+    end
+  end
+  if keep ~= '' then
+    redis.call('DEL', keep)
+    redis.call('RPUSH', keep, item.reply)
+    redis.call('EXPIRE', keep, item.ttl)
   end
 end
 
 -- The lease checks are one HGET per item; the leases are dropped and the tokens given back in
 -- one HDEL and one LPUSH per batch (per-item calls were most of the server's time per task).
--- Before an item writes anything else, release() runs: a write that fails (a reply_to key that
--- is not a list, say) aborts the script, and Redis keeps what the script wrote before the
+-- Before an item writes anything else, release() runs: a write that fails (Redis out of
+-- memory, say) aborts the script, and Redis keeps what the script wrote before the
 -- error, so every lease of an item whose outcome is written must already be gone, or a retry
 -- would write that outcome again.
 local done_fields, done_slots = {}, {}
@@ -89,4 +102,4 @@ for _, item in ipairs(items) do
   end
 end
 release()
-return applied
+return {applied, unpack(refused)}
