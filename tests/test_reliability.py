@@ -24,6 +24,15 @@ def start(start):
     return lambda *flags: start("--retry-backoff", "0.05", "--retry-backoff-max", "0.2", *flags)
 
 
+def _state(pid: int) -> str:
+    """A process's state letter (Z: a zombie, which runs nothing); "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def pids_of(r, key):
     return [int(p) for p in r.lrange(key + ":pids", 0, -1)]
 
@@ -110,6 +119,17 @@ def test_sigkilled_dispatcher_gives_its_tasks_back_when_it_restarts(start, clien
     start("--procs", "2", "--name", "d-restart")
     assert sorted(h.result(timeout=30) for h in handles) == [2, 2]    # each ran again, once
     assert waiting.result(timeout=10)["args"] == ["queued"]
+
+
+def test_the_children_of_a_sigkilled_dispatcher_die_with_it(start, client, r):
+    """Left alone they would run their task on, past any time limit, beside the restart's run."""
+    proc = start("--procs", "2")
+    client.enqueue("t.span", 600)
+    wait_for(lambda: r.hlen(f"dispatcher:dispatcher:{r.smembers('dispatcher:dispatchers').pop().decode()}"
+                            ":inflight") == 2, 10, what="the task taken")
+    children = wait_for(lambda: pool_children(proc.proc.pid), 10, what="the children")
+    proc.kill()
+    wait_for(lambda: all(_state(c) in ("", "Z") for c in children), 10, what="the children gone")
 
 
 def test_prefetched_tasks_of_a_sigkilled_dispatcher_come_back_exactly_once(start, client, r, redis_url):

@@ -21,7 +21,10 @@ still holds the queue's read lock; see ``worker_pool.queues.TaskQueue``.
 from __future__ import annotations
 
 import multiprocessing.pool
+import os
+import select
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -47,6 +50,8 @@ class SoftTimeLimitExceeded(Exception):
     """
 
 
+OWNER_POLL = 1.0  # seconds between looks at the owner where there is no pidfd
+
 # True only while the job's function runs: the SIGALRM handler raises only then, and at most
 # once per job (it clears the flag itself), so the exception can never escape run_job's
 # bookkeeping and reach the Pool's worker loop.
@@ -63,15 +68,52 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise SoftTimeLimitExceeded("soft time limit exceeded")
 
 
-def init_child(results: Any, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
-    """Pool initializer: set the signal policy, then call the caller's initializer."""
+def init_child(results: Any, owner: int, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    """Pool initializer: die with the pool's owner, set the signal policy, then call the
+    caller's initializer."""
     global _results
     _results = results
+    _die_with_owner(owner)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _on_alarm)
     if initializer is not None:
         initializer(*initargs)
+
+
+def _die_with_owner(owner: int) -> None:
+    """Kill this child when the pool's owner ends. Without it, a child of a SIGKILLed owner ran
+    its job to the end (hours maybe, past any time limit) beside the restarted owner's run of
+    the same task. The kernel's "kill me when my parent dies" does not do it: under forkserver
+    the parent is the fork server, which every child keeps alive. So a thread waits on the
+    owner, on a pidfd (Linux 5.3+: no wake-up until it ends), else by a look every
+    OWNER_POLL seconds."""
+    try:
+        fd: int | None = os.pidfd_open(owner)
+    except ProcessLookupError:  # it ended before this child started
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here
+        fd = None
+    threading.Thread(target=_watch_owner, args=(owner, fd), name="owner-watch", daemon=True).start()
+
+
+def _watch_owner(owner: int, fd: int | None) -> None:
+    if fd is not None:
+        select.select([fd], [], [])  # readable once the owner has ended
+    else:
+        while _alive(owner):
+            time.sleep(OWNER_POLL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: the pid was reused, so the owner is gone
+        return False
+    return True
 
 
 def run_job(fn: Callable[..., Any], args: tuple, kwargs: dict, soft_limit: float | None) -> Outcome:

@@ -5,7 +5,8 @@
   saving a wake-up of Pool's task handler thread per job (about 0.2 ms of latency for an idle
   pool); returns a ``JobResult``, an ``ApplyResult`` without the Event that only ``get()``
   needs, which takes several results per job (a batch's calls, see ``child.run_batch``).
-* The initializer gets the result queue as its first argument, for ``child.run_batch``.
+* The initializer gets the result queue as its first argument, for ``child.run_batch``, and
+  the owner's pid as its second (``child.init_child``: a child dies with its owner).
 * ``Process``: Pool calls ``self.Process`` for every child it starts; the override first lets the
   owner pause (``before_new_child``: back-off after children that died at start), reports each
   new child to the watchdog before the child can run anything, and makes ``terminate()`` of a
@@ -70,7 +71,7 @@ class ProcessPool(multiprocessing.pool.Pool):
         self._on_new_child = on_new_child
         self._before_new_child = before_new_child
         self._results = ResultQueue(ctx=ctx)
-        super().__init__(procs, initializer, (self._results, *initargs), context=ctx)
+        super().__init__(procs, initializer, (self._results, os.getpid(), *initargs), context=ctx)
         self._cache.notifier = _NotifyOnceClosed(self, self._change_notifier)
 
     def Process(self, ctx: context.BaseContext, *args: Any, **kwds: Any) -> Any:  # noqa: N802
