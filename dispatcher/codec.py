@@ -79,6 +79,12 @@ class Task:
 
 # Elements with only these fields need no option checks (most elements from redis-cli).
 _PLAIN_FIELDS = frozenset({"task", "args", "kwargs", "id"})
+# Bounds on numbers a producer sends. Past them, an integer no longer fits the 64 bits of an
+# outcome written to Redis, a time limit overflows the child's timer, and a time overflows
+# the dead letter's date: each used to fail later, where it is harder to say why.
+MAX_COUNT = 2**31 - 1        # attempt, max_retries
+MAX_SECONDS = 1e8            # time limits: about three years
+MAX_UNIX_TIME = 1e11         # enqueued_at: the year 5138
 # Every field in order, at its default; _task_from_fields gives those without one (name) or
 # with a default factory (kwargs, extra).
 _TASK_DEFAULTS = {f.name: f.default for f in dataclass_fields(Task)}
@@ -158,6 +164,7 @@ def _task_from_fields(fields: dict, codec: str) -> Task:
     name = fields.get("task")
     if not isinstance(name, str) or not name:
         raise InvalidTask("element names no task: field 'task' must be a non-empty string")
+    _text(name, "task")
     args = fields.get("args", [])
     kwargs = fields.get("kwargs", {})
     if args is None:
@@ -173,6 +180,8 @@ def _task_from_fields(fields: dict, codec: str) -> Task:
         task_id = new_task_id()
     elif not isinstance(task_id, str):
         raise InvalidTask(f"field 'id' must be a string, not {type(task_id).__name__}")
+    else:
+        _text(task_id, "id")
     values = {**_TASK_DEFAULTS, "name": name, "args": tuple(args), "kwargs": kwargs, "id": task_id,
               "codec": codec, "extra": {}}
     if not fields.keys() <= _PLAIN_FIELDS:
@@ -184,11 +193,13 @@ def _options(fields: dict) -> dict[str, Any]:
     reply_to = fields.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or not reply_to):
         raise InvalidTask("field 'reply_to' must be a non-empty string (a list key)")
+    if reply_to is not None:
+        _text(reply_to, "reply_to")
     return {"reply_to": reply_to, "want_result": _flag(fields, "result"),
             "attempt": _count(fields, "attempt") or 0, "max_retries": _count(fields, "max_retries"),
             "time_limit": _seconds(fields, "time_limit"),
             "soft_time_limit": _seconds(fields, "soft_time_limit"),
-            "enqueued_at": _number(fields, "enqueued_at"),
+            "enqueued_at": _unix_time(fields, "enqueued_at"),
             "extra": {k: v for k, v in fields.items() if k not in KNOWN_FIELDS}}
 
 
@@ -202,6 +213,16 @@ def _new_task(values: dict[str, Any]) -> Task:
     return task
 
 
+def _text(value: str, name: str) -> None:
+    """A string that goes back to Redis (in a key name, a reply, a dead letter) must be valid
+    Unicode: a lone surrogate (a JSON escape like \\ud800) cannot be written anywhere."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidTask(f"field '{name}' is not valid Unicode (a lone surrogate): {value!r}"[:500]) from None
+
+
 def _flag(fields: dict, name: str) -> bool:
     value = fields.get(name, False)
     if not isinstance(value, bool):
@@ -213,8 +234,8 @@ def _count(fields: dict, name: str) -> int | None:
     value = fields.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidTask(f"field '{name}' must be a whole number >= 0")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise InvalidTask(f"field '{name}' must be a whole number from 0 to {MAX_COUNT}")
     return value
 
 
@@ -231,8 +252,15 @@ def _number(fields: dict, name: str) -> float | None:
     return number
 
 
+def _unix_time(fields: dict, name: str) -> float | None:
+    value = _number(fields, name)
+    if value is not None and not 0 <= value <= MAX_UNIX_TIME:
+        raise InvalidTask(f"field '{name}' must be a Unix time in seconds, from 0 to {MAX_UNIX_TIME:.0e}")
+    return value
+
+
 def _seconds(fields: dict, name: str) -> float | None:
     value = _number(fields, name)
-    if value is not None and value <= 0:
-        raise InvalidTask(f"field '{name}' must be a number of seconds > 0")
+    if value is not None and not 0 < value <= MAX_SECONDS:
+        raise InvalidTask(f"field '{name}' must be a number of seconds > 0 and at most {MAX_SECONDS:.0e}")
     return value

@@ -26,7 +26,7 @@ import redis
 from dispatcher import outcomes
 from dispatcher.batching import Batcher
 from dispatcher.codec import Task, decode
-from dispatcher.errors import InvalidTask
+from dispatcher.errors import BrokenKey, InvalidTask, UnpackableItems
 from dispatcher.execute import init_child, run
 from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT = 30.0      # safety net only: pushes and new schedules wake an idle loop at once
 SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
 BACKOFF_MAX = 2.0     # longest pause between tries while Redis is unreachable
+BROKEN_KEY_REPEAT = 60.0  # seconds between errors while a key the fetch needs has the wrong type
 # How a task that never started ends: its batch's child was lost with the pool closing, or it
 # was handed back for a high task
 NEVER_RAN = (NotStarted.__name__, YieldedToHighTask.__name__)
@@ -92,6 +93,7 @@ class Dispatcher:
         self._signals = 0              # incremented by the signal handlers, nothing else
         self._signals_acted_on = 0     # how many of them the loop has already acted on
         self._outage = _Outage()
+        self._broken: tuple[str, float] | None = None  # a BrokenKey: its message, when last said
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
         self._warm_up: WarmUp | None = None  # until the children are ready (dispatcher.warmup)
@@ -190,6 +192,12 @@ class Dispatcher:
             timeout = self._fill() if fetch else SIGNAL_CHECK
         except REDIS_DOWN as exc:
             timeout = self._redis_down(exc)
+        except UnpackableItems as exc:
+            self._park_unpackable(exc)
+            timeout = 0
+        except BrokenKey as exc:
+            self._broken_key(exc)
+            timeout = BACKOFF_MAX
         except Exception:  # the loop's edge: log, back off, resync with Redis, go on
             logger.exception("dispatcher loop error; retrying after a pause")
             self._needs_reconcile = True
@@ -198,6 +206,16 @@ class Dispatcher:
         else:
             self._redis_back()
         self._sleep(timeout)
+
+    def _broken_key(self, exc: BrokenKey) -> None:
+        """Say it at once, then once a minute while it lasts: nothing is fetched until a person
+        mends the key, and this line is how they learn which."""
+        self._lane.give_up()
+        now = time.monotonic()
+        if self._broken is None or self._broken[0] != str(exc) or now - self._broken[1] >= BROKEN_KEY_REPEAT:
+            logger.error("cannot fetch: %s. Nothing was taken; fetching stops until the key is mended "
+                         "(renamed or deleted)", exc)
+            self._broken = (str(exc), now)
 
     def _sleep(self, timeout: float) -> None:
         """Wait for a wake-up (a push, a finished task), a signal, or the timeout."""
@@ -230,6 +248,9 @@ class Dispatcher:
         most = min(free, self.settings.batch)
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
+        if self._broken is not None:
+            logger.warning("fetching again: the key is mended")
+            self._broken = None
         if isinstance(got, int) and raised:  # no high task left there
             self._lane.give_up()
             if got != -2:
@@ -256,6 +277,8 @@ class Dispatcher:
         instead (None)."""
         try:
             task = decode(fetched.element, max_size=self.settings.max_size)
+            if task.reply_to and self.store.keys.owns(task.reply_to):
+                raise InvalidTask(f"field 'reply_to' names one of the dispatcher's own keys: {task.reply_to!r}")
             spec = self.registry.get(task.name)
             kwargs = dict(task.kwargs)
             spec.check_call(task.args, kwargs)
@@ -344,7 +367,11 @@ class Dispatcher:
             try:
                 item = self._item_for(running, end, now)
             except Exception as exc:  # never lose the task or the slot over a bug in one outcome
-                logger.exception("could not record the outcome of %s %s", running.task.name, running.task.id)
+                if isinstance(exc, (UnicodeEncodeError, OverflowError)):  # the producer's data, not a bug
+                    logger.warning("dead letter: the outcome of %s %s could not be recorded: %r",
+                                   running.task.name, running.task.id, exc)
+                else:
+                    logger.exception("could not record the outcome of %s %s", running.task.name, running.task.id)
                 item = outcomes.invalid_item(running.fetched.slot, f"outcome could not be recorded: {exc!r}",
                                              self.store.keys, now)
             self._pending.append(item)
@@ -374,6 +401,18 @@ class Dispatcher:
         if self._pending:
             self.store.finish_and_fetch(self.id, self._pending, 0)
             self._pending = []
+
+    def _park_unpackable(self, exc: UnpackableItems) -> None:
+        """Outcomes Redis cannot be sent (a task id or an error message that is not valid
+        Unicode, say): each task is parked as a dead letter instead, with the reason, and the
+        other outcomes go at the next turn."""
+        now = time.time()
+        for index in exc.bad:
+            slot = self._pending[index]["slot"]
+            logger.warning("dead letter: the outcome of the task in slot %s could not be recorded: %s",
+                           slot, exc.why)
+            self._pending[index] = outcomes.invalid_item(
+                slot, f"its outcome could not be recorded: {exc.why}", self.store.keys, now)
 
     def _reconcile(self) -> None:
         known = [(slot, r.fetched.queue, r.fetched.element) for slot, r in self._running.items()]
@@ -439,6 +478,8 @@ class Dispatcher:
                 if orphans:
                     logger.warning("put back %d task(s) Redis held for %s but it did not run", orphans, self.id)
                 return
+            except UnpackableItems as exc:
+                self._park_unpackable(exc)
             except REDIS_DOWN as exc:
                 if time.monotonic() > deadline:
                     logger.error("could not write %d outcome(s) before exit (%s); the next start of "

@@ -48,3 +48,19 @@ class ResultTimeout(DispatcherError, TimeoutError):
 
 class ConnectionLost(DispatcherError, ConnectionError):
     """Redis could not be reached; raised at the Redis boundary with the cause chained."""
+
+
+class UnpackableItems(DispatcherError):
+    """Outcomes that could not be packed for Redis (a string that is not valid Unicode, an
+    integer past 64 bits): ``bad`` are their indexes in the batch, and nothing was written.
+    The batch is sent again without them; kept, they would fail every send, for good."""
+
+    def __init__(self, bad: list[int], why: str) -> None:
+        super().__init__(f"{len(bad)} outcome(s) could not be packed: {why}")
+        self.bad = bad
+        self.why = why
+
+
+class BrokenKey(DispatcherError):
+    """One of the keys a fetch needs holds another type (set by hand, say). The fetch took
+    nothing; the message names the key."""

@@ -72,6 +72,17 @@ class Keys:
     def tokens(self, dispatcher_id: str) -> str:
         return f"{self.prefix}:dispatcher:{dispatcher_id}:tokens"
 
+    def owns(self, key: str) -> bool:
+        """Is this one of the keys above? A producer's reply_to must not be: the reply's EXPIRE
+        would put a TTL on a queue or the dead letters. (Other keys under the prefix are fine:
+        on Cluster, reply lists need the prefix's hash tag.)"""
+        head = self.prefix + ":"
+        if not key.startswith(head):
+            return False
+        rest = key[len(head):]
+        return rest in (*PRIORITIES, "wake", "dead", "dispatchers") or rest.startswith(
+            ("schedule:", "dead:", "result:", "dispatcher:"))
+
     def priority_of(self, queue_key: str) -> str:
         """The priority name of a queue key; the queue key itself if it is not one of ours."""
         for priority in PRIORITIES:

@@ -67,6 +67,7 @@ def failure_item(slot: int, task: Task, source: str, error: tuple[str, str, str]
                 "schedule_key": keys.schedule(keys.priority_of(source)),
                 "payload": task.next_attempt().encode()}
     attempts = task.attempt + 1
+    message, traceback = _text(message), _text(traceback)
     reply = b""
     result_key, reply_to = _reply_targets(task, keys)
     if result_key or reply_to:
@@ -79,6 +80,12 @@ def failure_item(slot: int, task: Task, source: str, error: tuple[str, str, str]
     return _with_reply(dead_item(slot, fields, keys, payload=replace(task, attempt=0).encode(),
                                  result_key=result_key, reply_to=reply_to, reply=reply,
                                  ttl=policy.result_ttl), task, keys)
+
+
+def _text(text: str) -> str:
+    """An error's text as Redis can store it: a file name read as surrogate escapes, say, kept
+    as backslash escapes rather than failing the whole outcome."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def invalid_item(slot: int, reason: str, keys: Keys, now: float) -> dict[str, Any]:

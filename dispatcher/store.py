@@ -19,7 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dispatcher.errors import ConnectionLost
+from dispatcher.errors import BrokenKey, ConnectionLost, UnpackableItems
 from dispatcher.keys import PRIORITIES, Keys
 
 logger = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ class Store:
             commands.insert(0, _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items)))
         replies = self._hot_path.call(commands) if commands else []
         for reply in replies:
-            if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
-                raise reply
+            if not isinstance(reply, redis.exceptions.NoScriptError):
+                _raise_if_error(reply)
         if items and not isinstance(replies[0], Exception):
             _finished(replies[0], items)
         elif items:
@@ -146,8 +146,7 @@ class Store:
         if isinstance(fetched, Exception):
             self.client.script_load(self._fetch.script)
             fetched = self._hot_path.call([fetch])[0]
-            if isinstance(fetched, Exception):
-                raise fetched
+            _raise_if_error(fetched)
         return self._fetched(fetched)
 
     def _fetch_keys(self, dispatcher_id: str) -> list[str]:
@@ -305,6 +304,13 @@ def _evalsha(script: Any, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
+def _raise_if_error(reply: Any) -> None:
+    if isinstance(reply, Exception):
+        if str(reply).startswith("BADKEY "):  # fetch.lua: a key of the wrong type, nothing taken
+            raise BrokenKey(str(reply)[len("BADKEY "):]) from reply
+        raise reply
+
+
 def _finished(reply: list, items: list[dict[str, Any]]) -> int:
     """finish.lua's reply: the items applied, then each reply_to that refused its outcome (the
     producer's key: another type, say). Said at WARNING, with where the outcome is instead."""
@@ -319,7 +325,18 @@ def _finished(reply: list, items: list[dict[str, Any]]) -> int:
 
 def _pack(items: list[dict[str, Any]]) -> bytes:
     # use_bin_type=False: the old msgpack raw type, which every Redis and Valkey cmsgpack reads
-    return msgpack.packb(items, use_bin_type=False)
+    try:
+        return msgpack.packb(items, use_bin_type=False)
+    except (ValueError, TypeError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise UnpackableItems([i for i, item in enumerate(items) if not _packs(item)], repr(exc)) from exc
+
+
+def _packs(item: dict[str, Any]) -> bool:
+    try:
+        msgpack.packb(item, use_bin_type=False)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def translate(exc: BaseException) -> ConnectionLost:

@@ -56,6 +56,16 @@ def test_retry_encoding_stays_in_the_codec_it_came_in():
     (b'{"task": "a", "args": [1e999]}', "out of range"),
     (b'{"task": "a", "args": [NaN]}', "not JSON"),
     (b'{"task": "a", "time_limit": 1' + b"0" * 400 + b'}', "'time_limit' must be a finite number"),
+    # Past what an outcome, a timer or a date can hold: each failed later, and the first wedged the loop
+    (b'{"task": "a", "attempt": 18446744073709551615}', "'attempt' must be a whole number from 0"),
+    (msgpack.packb({"task": "a", "max_retries": 2**64 - 1}), "'max_retries' must be a whole number from 0"),
+    (b'{"task": "a", "soft_time_limit": 1e10}', "'soft_time_limit' must be a number of seconds > 0 and at most"),
+    (b'{"task": "a", "enqueued_at": 1e300}', "'enqueued_at' must be a Unix time"),
+    (b'{"task": "a", "enqueued_at": -1e18}', "'enqueued_at' must be a Unix time"),
+    # Lone surrogates: no key, reply or dead letter can hold them
+    (b'{"task": "a", "id": "x\\ud800"}', "'id' is not valid Unicode"),
+    (b'{"task": "a\\udcff"}', "'task' is not valid Unicode"),
+    (b'{"task": "a", "reply_to": "r\\ud800"}', "'reply_to' is not valid Unicode"),
 ])
 def test_bad_elements_are_refused_with_a_reason(raw, reason):
     with pytest.raises(InvalidTask, match=reason):

@@ -104,6 +104,46 @@ def test_a_reply_to_key_of_another_type_costs_only_the_reply_not_the_outcome(sta
     assert r.get("my:replies") == b"not a list" and r.llen("dispatcher:dead") == 0
 
 
+def test_a_reply_to_naming_a_queue_or_the_dead_letters_is_refused(start, client, r):
+    """The reply's EXPIRE would have put a TTL on the list: a busy queue, or the dead letters,
+    gone a day later (or at --result-ttl)."""
+    start("--procs", "1")
+    client.enqueue("t.span", 0, priority="low")  # the low list exists, then is empty
+    for key in ("dispatcher:low", "dispatcher:dead", "dispatcher:dispatchers"):
+        r.lpush("dispatcher:normal", json.dumps({"task": "t.echo", "reply_to": key}))
+    wait_for(lambda: r.llen("dispatcher:dead") == 3, 20, what="three dead letters")
+    reasons = [r.hget(f"dispatcher:dead:{i.decode()}", "reason").decode() for i in r.lrange("dispatcher:dead", 0, -1)]
+    assert all("'reply_to' names one of the dispatcher's own keys" in why for why in reasons)
+    assert r.ttl("dispatcher:dead") == -1 and r.llen("dispatcher:low") == 0
+
+
+def test_a_key_of_another_type_stops_fetching_loses_nothing_and_is_named(start, client, r):
+    proc = start("--procs", "1")
+    r.set("dispatcher:normal", "oops")
+    handle = client.enqueue("t.echo", 1, priority="high")
+    wait_for(lambda: "cannot fetch: dispatcher:normal holds a string, not a list" in proc.log, 10,
+             what="the error naming the key")
+    assert r.llen("dispatcher:high") == 1                          # not taken, so not lost
+    r.delete("dispatcher:normal")
+    assert handle.result(timeout=20)["args"] == [1]
+    assert "fetching again" in proc.log and "loop error" not in proc.log
+
+
+def test_an_outcome_that_cannot_be_written_is_parked_and_the_loop_goes_on(start, client, r):
+    """A task whose argument is not valid Unicode (a lone surrogate, from a JSON escape) fails:
+    its dead letter's payload cannot be encoded again. Parked as it came, with the reason; a
+    warning, not an error with a traceback: the producer's data, not a bug."""
+    proc = start("--procs", "1")
+    element = b'{"task": "t.fail", "args": ["x\\ud800"]}'
+    r.lpush("dispatcher:normal", element)
+    assert client.enqueue("t.echo", 2).result(timeout=20)["args"] == [2]
+    wait_for(lambda: r.llen("dispatcher:dead") == 1, 10, what="the dead letter")
+    [dead_id] = r.lrange("dispatcher:dead", 0, -1)
+    letter = r.hgetall(b"dispatcher:dead:" + dead_id)
+    assert b"outcome could not be recorded" in letter[b"reason"] and letter[b"payload"] == element
+    assert "loop error" not in proc.log and "ERROR" not in proc.log
+
+
 def test_strict_priority_and_fifo(start, client, r, redis_url):
     for priority in ("low", "normal", "high"):
         for i in range(3):

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 import redis
 
+from dispatcher.errors import BrokenKey, UnpackableItems
 from dispatcher.keys import Keys
 from dispatcher.store import Store
 
@@ -166,6 +167,42 @@ def test_a_reply_to_that_refuses_the_outcome_keeps_it_under_the_result_key_and_s
     assert len(warnings) == 2
     assert "reply_to 'not-a-list' (WRONGTYPE" in warnings[0] and "kept under t:result:a for 50s" in warnings[0]
     assert "kept under t:result:c" in warnings[1]
+
+
+@pytest.mark.parametrize("broken", ["t:normal", "t:high", "inflight", "tokens"])
+def test_a_fetch_that_meets_a_key_of_another_type_takes_nothing_and_names_it(r, broken):
+    """Redis keeps a script's writes made before an error: a fetch that popped the high list
+    and then failed on a normal list made a string by hand lost the high tasks."""
+    store = make_store(r)
+    store.reconcile("d1", 3)
+    store.push("high", [b"h1", b"h2"])
+    r.zadd(KEYS.schedule("normal"), {b"due": 0})
+    key = {"inflight": KEYS.inflight("d1"), "tokens": KEYS.tokens("d1")}.get(broken, broken)
+    saved = r.dump(key)
+    r.delete(key)
+    r.set(key, "oops")
+    with pytest.raises(BrokenKey, match=f"^{key} holds a string, not a"):
+        store.finish_and_fetch("d1", [], 3)
+    if broken != "t:high":
+        assert r.lrange("t:high", 0, -1) == [b"h2", b"h1"]
+    assert r.zcard(KEYS.schedule("normal")) == 1                  # not moved either
+    r.delete(key)
+    if saved is not None:
+        r.restore(key, 0, saved)
+    assert len(store.finish_and_fetch("d1", [], 3)) == 3            # mended: h1, h2, then the due one
+
+
+def test_outcomes_that_cannot_be_packed_are_named_and_nothing_is_written(r):
+    store = make_store(r)
+    store.reconcile("d1", 2)
+    store.push("normal", [b"a", b"b"])
+    a, b = store.fetch("d1", 2)
+    items = [{"slot": a.slot}, {"slot": b.slot, "action": "ack", "result_key": "t:result:\udcff", "reply_to": "",
+                                "reply": b"B", "ttl": 5}]
+    with pytest.raises(UnpackableItems) as caught:
+        store.finish_and_fetch("d1", items, 0)
+    assert caught.value.bad == [1] and "surrogates not allowed" in caught.value.why
+    assert r.hlen(KEYS.inflight("d1")) == 4                           # nothing was written
 
 
 def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r):

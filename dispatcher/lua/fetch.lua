@@ -16,10 +16,22 @@ ARGV[1]     most tasks to take
 ARGV[2]     how many of the lists to take from, highest first (optional, default 3): 1 takes
             high tasks only, while one waits and the dispatcher holds others (dispatcher.urgent)
 
-Returns {slot, list index (1..3), element, ...} when it took tasks; otherwise a single number:
+Returns an error "BADKEY <key> holds a <type>, ..." and writes nothing if one of KEYS[1..5] has
+the wrong type. Otherwise {slot, list index (1..3), element, ...} when it took tasks, or a single number:
 milliseconds until the next scheduled task is due, -1 if nothing is scheduled, or -2 if this
 dispatcher has no free token (its local count disagrees with Redis: it must reconcile).
 ]]
+-- A key of another type (a SET by hand on a queue's name, say) would fail a write halfway:
+-- Redis keeps the writes a script made before an error, so tasks already popped, or moved off
+-- their schedule, would be lost. Check first, write nothing, and say which key.
+local kinds = {'list', 'hash', 'list', 'list', 'list'}
+for i = 1, 5 do
+  local kind = redis.call('TYPE', KEYS[i]).ok
+  if kind ~= kinds[i] and kind ~= 'none' then
+    return redis.error_reply('BADKEY ' .. KEYS[i] .. ' holds a ' .. kind .. ', not a ' .. kinds[i])
+  end
+end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('DEL', KEYS[9])
