@@ -26,7 +26,7 @@ import redis
 from dispatcher import outcomes
 from dispatcher.batching import Batcher
 from dispatcher.codec import Task, decode
-from dispatcher.errors import BrokenKey, InvalidTask, UnpackableItems
+from dispatcher.errors import BrokenKey, InvalidTask, LostId, UnpackableItems
 from dispatcher.execute import init_child, run
 from dispatcher.heartbeat import Heartbeat, claim_id
 from dispatcher.registry import Registry, TaskSpec
@@ -94,6 +94,7 @@ class Dispatcher:
         self._signals_acted_on = 0     # how many of them the loop has already acted on
         self._outage = _Outage()
         self._broken: tuple[str, float] | None = None  # a BrokenKey: its message, when last said
+        self._lost: LostId | None = None  # set once another process holds our id: we stop
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
         self._warm_up: WarmUp | None = None  # until the children are ready (dispatcher.warmup)
@@ -125,7 +126,7 @@ class Dispatcher:
         try:
             self.id = self.settings.name or claim_id(self.store, info["host"], info, ttl_ms)
             if self.settings.name:
-                self.store.beat(self.id, info, ttl_ms)
+                self.store.take_over(self.id, info, ttl_ms)
             requeued = self.store.reconcile(self.id, self.settings.slots)
         except REDIS_DOWN as exc:
             self._redis_down(exc)
@@ -141,7 +142,7 @@ class Dispatcher:
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
         self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
-        self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl)
+        self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl, self._lose_id)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
 
@@ -167,11 +168,12 @@ class Dispatcher:
         try:
             while not self._signals:
                 self.step()
-            logger.info("stop requested: no new tasks; waiting up to %.0fs for %d running task(s) "
-                        "(signal again to skip the wait)", self.settings.grace, len(self._running))
+            if self._lost is None:
+                logger.info("stop requested: no new tasks; waiting up to %.0fs for %d running task(s) "
+                            "(signal again to skip the wait)", self.settings.grace, len(self._running))
         finally:
             self.shutdown()
-        return 0
+        return 0 if self._lost is None else 1
 
     def stop(self) -> None:
         """Ask run() to stop, as a signal would (for embedding and tests)."""
@@ -198,6 +200,9 @@ class Dispatcher:
         except BrokenKey as exc:
             self._broken_key(exc)
             timeout = BACKOFF_MAX
+        except LostId as exc:
+            self._lose_id(exc)
+            return
         except Exception:  # the loop's edge: log, back off, resync with Redis, go on
             logger.exception("dispatcher loop error; retrying after a pause")
             self._needs_reconcile = True
@@ -206,6 +211,20 @@ class Dispatcher:
         else:
             self._redis_back()
         self._sleep(timeout)
+
+    def _lose_id(self, exc: LostId) -> None:
+        """Another process holds our id (from the loop, or the heartbeat thread): stop at once.
+        Our running tasks were put back when our heartbeat lapsed and run there, or will; a
+        result of ours written now could only land in its records."""
+        if self._lost is None:
+            self._lost = exc
+            logger.error("dispatcher id %s is now held by another process (its heartbeat: %s): this "
+                         "one lost it, cut off from Redis or paused for over %.0fs. Its %d running "
+                         "task(s) were put back then and may run twice. Stopping at once, without "
+                         "writing to %s's records; start it again to get an id of its own",
+                         self.id, exc, self.settings.heartbeat_ttl, len(self._running), self.id)
+        self._signals += 1
+        self._wakeup.set()
 
     def _broken_key(self, exc: BrokenKey) -> None:
         """Say it at once, then once a minute while it lasts: nothing is fetched until a person
@@ -451,10 +470,21 @@ class Dispatcher:
         if self._pool is None:
             self._wakeup.close()
             return
+        if self._lost is not None:
+            self._pool.terminate()
+            if self._heartbeat:
+                self._heartbeat.stop()
+            self._wakeup.close()
+            logger.error("dispatcher %s stopped: it lost its id; %d running task(s) stopped unrecorded",
+                         self.id, len(self._running))
+            return
         self._pool.close()
         deadline = time.monotonic() + self.settings.grace
         while self._running and time.monotonic() < deadline and self._signals <= signals_at_stop:
             self.step(fetch=False)
+            if self._lost is not None:  # nothing more may be written: what runs is another's now
+                self._pool.terminate()
+                return
         self._pool.terminate()
         self._collect()
         # Newest first: each goes back to the consuming end of its list, so the oldest lands last
@@ -480,6 +510,9 @@ class Dispatcher:
                 return
             except UnpackableItems as exc:
                 self._park_unpackable(exc)
+            except LostId as exc:
+                self._lose_id(exc)
+                return
             except REDIS_DOWN as exc:
                 if time.monotonic() > deadline:
                     logger.error("could not write %d outcome(s) before exit (%s); the next start of "

@@ -64,3 +64,9 @@ class UnpackableItems(DispatcherError):
 class BrokenKey(DispatcherError):
     """One of the keys a fetch needs holds another type (set by hand, say). The fetch took
     nothing; the message names the key."""
+
+
+class LostId(DispatcherError):
+    """Another process holds this dispatcher's id now: this one was cut off from Redis, or
+    paused, for longer than the heartbeat TTL, and the id was claimed meanwhile. The message is
+    the other's heartbeat. Nothing was written; this process must stop."""

@@ -11,6 +11,7 @@ import threading
 from typing import Any, Callable
 
 from dispatcher.local import pid_alive
+from dispatcher.errors import LostId
 from dispatcher.store import REDIS_DOWN, Store
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,20 @@ def claim_id(store: Store, host: str, info: dict[str, Any], ttl_ms: int,
         if old and old.get("host") == host and (pid == info.get("pid") or not alive(pid)):
             logger.info("dispatcher id %s belonged to pid %s, which is gone: taking it over",
                         candidate, old.get("pid"))
-            store.beat(candidate, info, ttl_ms)
+            store.take_over(candidate, info, ttl_ms)
             return candidate
     raise RuntimeError(f"no free dispatcher id on host {host}")
 
 
 class Heartbeat(threading.Thread):
-    """Renews our heartbeat every ttl/3 and puts back the tasks of peers whose heartbeat expired."""
+    """Renews our heartbeat every ttl/3 and puts back the tasks of peers whose heartbeat expired.
 
-    def __init__(self, store: Store, dispatcher_id: str, info: dict[str, Any], ttl: float) -> None:
+    A beat that finds another process's heartbeat under our id (we were away longer than the
+    TTL, and it claimed the id) calls ``on_lost`` and stops: the dispatcher must stop too.
+    """
+
+    def __init__(self, store: Store, dispatcher_id: str, info: dict[str, Any], ttl: float,
+                 on_lost: Callable[[LostId], None]) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self.store = store
         self.dispatcher_id = dispatcher_id
@@ -48,6 +54,7 @@ class Heartbeat(threading.Thread):
         self.ttl_ms = int(ttl * 1000)
         self.interval = ttl / 3
         self.stopped = threading.Event()
+        self._on_lost = on_lost
         self._down = False
 
     def run(self) -> None:
@@ -56,8 +63,15 @@ class Heartbeat(threading.Thread):
 
     def beat_once(self) -> None:
         try:
-            self.store.beat(self.dispatcher_id, self.info, self.ttl_ms)
+            if not self.store.beat(self.dispatcher_id, self.info, self.ttl_ms):
+                logger.warning("heartbeat of %s had lapsed (Redis was unreachable, or this process "
+                               "was paused, for over %.0fs): a peer may have put its running tasks "
+                               "back, and they may run twice", self.dispatcher_id, self.ttl_ms / 1000)
             self.recover_peers()
+        except LostId as exc:
+            self.stopped.set()
+            self._on_lost(exc)
+            return
         except REDIS_DOWN as exc:
             if not self._down:
                 logger.warning("heartbeat: Redis unreachable (%s); will keep trying", exc)

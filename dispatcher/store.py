@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -19,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dispatcher.errors import BrokenKey, ConnectionLost, UnpackableItems
+from dispatcher.errors import BrokenKey, ConnectionLost, LostId, UnpackableItems
 from dispatcher.keys import PRIORITIES, Keys
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,17 @@ class DeadLetter:
 
 
 class Store:
-    """Named operations on one deployment's keys."""
+    """Named operations on one deployment's keys.
+
+    ``instance`` names this process (this Store) in the heartbeat of the dispatcher id it
+    claims: every write to that dispatcher's records checks it, so a process that lost its id
+    to another (dispatcher.heartbeat) can no longer touch them (LostId)."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
+        self.instance = uuid.uuid4().hex
+        self._beat = client.register_script(_load("beat.lua"))
         self._fetch = client.register_script(_load("fetch.lua"))
         self._finish = client.register_script(_load("finish.lua"))
         self._reconcile = client.register_script(_load("reconcile.lua"))
@@ -124,10 +131,11 @@ class Store:
         that ran must never be repeated, or the batch it took would be orphaned). Any other error
         is raised: the loop then reconciles, which puts back whatever a lost fetch reply took.
         """
-        fetch = _evalsha(self._fetch, self._fetch_keys(dispatcher_id), most, lists) if most else ()
+        fetch = _evalsha(self._fetch, self._fetch_keys(dispatcher_id), most, lists, self.instance) if most else ()
         commands = [fetch] if most else []
         if items:
-            commands.insert(0, _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items)))
+            commands.insert(0, _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items),
+                                        self.instance))
         replies = self._hot_path.call(commands) if commands else []
         for reply in replies:
             if not isinstance(reply, redis.exceptions.NoScriptError):
@@ -151,10 +159,11 @@ class Store:
 
     def _fetch_keys(self, dispatcher_id: str) -> list[str]:
         return [self.keys.tokens(dispatcher_id), self.keys.inflight(dispatcher_id),
-                *self.keys.queues, *self.keys.schedules, self.keys.wake]
+                *self.keys.queues, *self.keys.schedules, self.keys.wake, self.keys.heartbeat(dispatcher_id)]
 
     def _finish_keys(self, dispatcher_id: str) -> list[str]:
-        return [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id), self.keys.wake]
+        return [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id), self.keys.wake,
+                self.keys.heartbeat(dispatcher_id)]
 
     def _fetched(self, reply: list) -> list[Fetched] | int:
         if len(reply) == 1:
@@ -167,15 +176,15 @@ class Store:
         """Apply a batch of outcomes (see finish.lua for the item shapes)."""
         if not items:
             return 0
-        return _finished(self._finish(keys=self._finish_keys(dispatcher_id), args=[_pack(items)]), items)
+        return _finished(_run(self._finish, self._finish_keys(dispatcher_id), [_pack(items), self.instance]), items)
 
     def reconcile(self, dispatcher_id: str, slots: int,
                   known: Iterable[tuple[int, str, bytes]] = ()) -> int:
         """Make our in-flight record and tokens match what we hold; returns tasks put back."""
-        args: list[Any] = ["self", dispatcher_id, slots]
+        args: list[Any] = ["self", dispatcher_id, slots, self.instance]
         for slot, queue, element in known:
             args += [slot, queue, element]
-        return int(self._reconcile(keys=self._record_keys(dispatcher_id), args=args))
+        return int(_run(self._reconcile, self._record_keys(dispatcher_id), args))
 
     def recover_peer(self, dispatcher_id: str) -> int:
         """Put a dead peer's tasks back; -1 if it turned out to be alive."""
@@ -191,15 +200,25 @@ class Store:
     def claim(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> bool:
         """Take an id whose heartbeat does not exist (SET NX): two starting dispatchers never share one."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.heartbeat(dispatcher_id), json.dumps(info), px=ttl_ms, nx=True)
+        pipe.set(self.keys.heartbeat(dispatcher_id), self._heartbeat(info), px=ttl_ms, nx=True)
         pipe.sadd(self.keys.dispatchers, dispatcher_id)
         return bool(pipe.execute()[0])
 
-    def beat(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> None:
+    def take_over(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> None:
+        """Take an id whatever holds it: its holder is known to be gone, or it was named on the
+        command line (a process that still held it stops at its next write: LostId)."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.heartbeat(dispatcher_id), json.dumps(info), px=ttl_ms)
+        pipe.set(self.keys.heartbeat(dispatcher_id), self._heartbeat(info), px=ttl_ms)
         pipe.sadd(self.keys.dispatchers, dispatcher_id)
         pipe.execute()
+
+    def beat(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> bool:
+        """Renew our heartbeat; False if it had lapsed (taken again). LostId if another process holds the id."""
+        keys = [self.keys.heartbeat(dispatcher_id), self.keys.dispatchers]
+        return bool(_run(self._beat, keys, [self._heartbeat(info), ttl_ms, self.instance, dispatcher_id]))
+
+    def _heartbeat(self, info: dict[str, Any]) -> str:
+        return json.dumps({**info, "instance": self.instance})
 
     def heartbeat_info(self, dispatcher_id: str) -> dict[str, Any] | None:
         raw = self.client.get(self.keys.heartbeat(dispatcher_id))
@@ -214,7 +233,18 @@ class Store:
         Nothing should be in flight by then; if something is (an orphan of a lost reply), it goes
         back to the head of its list rather than being deleted. Returns how many went back.
         """
-        self.client.delete(self.keys.heartbeat(dispatcher_id))
+        key = self.keys.heartbeat(dispatcher_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.watch(key)  # if another process takes the id meanwhile, its heartbeat stays
+            owner = pipe.get(key)
+            if owner is not None and self.instance.encode() not in owner:
+                raise LostId(owner.decode(errors="replace"))
+            pipe.multi()
+            pipe.delete(key)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                raise LostId("(taken while this one was stopping)") from None
         return max(0, self.recover_peer(dispatcher_id))
 
     # -- status and dead letters ----------------------------------------------------------------
@@ -306,9 +336,21 @@ def _evalsha(script: Any, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
 
 def _raise_if_error(reply: Any) -> None:
     if isinstance(reply, Exception):
-        if str(reply).startswith("BADKEY "):  # fetch.lua: a key of the wrong type, nothing taken
-            raise BrokenKey(str(reply)[len("BADKEY "):]) from reply
+        text = str(reply)
+        if text.startswith("BADKEY "):  # fetch.lua: a key of the wrong type, nothing taken
+            raise BrokenKey(text[len("BADKEY "):]) from reply
+        if text.startswith("LOSTID "):  # another process holds our dispatcher id: nothing written
+            raise LostId(text[len("LOSTID "):]) from reply
         raise reply
+
+
+def _run(script: Any, keys: list[str], args: list[Any]) -> Any:
+    """A script's call off the hot path, its refusals as ours (BrokenKey, LostId)."""
+    try:
+        return script(keys=keys, args=args)
+    except redis.ResponseError as exc:
+        _raise_if_error(exc)
+        raise
 
 
 def _finished(reply: list, items: list[dict[str, Any]]) -> int:

@@ -153,6 +153,26 @@ def test_a_live_dispatcher_recovers_a_dead_peer_after_its_heartbeat_expires(star
     assert "victim" not in [m.decode() for m in r.smembers("dispatcher:dispatchers")]
 
 
+def test_a_dispatcher_paused_past_its_ttl_whose_id_was_taken_stops_and_touches_nothing(start, client, r, redis_url):
+    """Paused (or cut off from Redis) past its heartbeat's TTL, a dispatcher's id was claimed by
+    a new one on the same host; resumed, both wrote the same records, each putting back the
+    other's tasks. Now the first stops at its next write, and says why."""
+    first = start("--procs", "1", "--heartbeat-ttl", "1")
+    [dispatcher_id] = [m.decode() for m in r.smembers("dispatcher:dispatchers")]
+    first.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: not r.exists(f"dispatcher:dispatcher:{dispatcher_id}"), 10, what="the heartbeat lapsed")
+        second = start("--procs", "1", "--heartbeat-ttl", "1")
+        assert json.loads(r.get(f"dispatcher:dispatcher:{dispatcher_id}"))["pid"] == second.proc.pid
+    finally:
+        first.signal(signal.SIGCONT)
+    assert first.wait(timeout=20) == 1
+    assert f"dispatcher id {dispatcher_id} is now held by another process" in first.log
+    assert json.loads(r.get(f"dispatcher:dispatcher:{dispatcher_id}"))["pid"] == second.proc.pid
+    assert client.enqueue("t.echo", 1).result(timeout=20)["args"] == [1]
+    assert second.proc.poll() is None and "reconciling" not in second.log
+
+
 def test_a_task_longer_than_three_heartbeat_ttls_runs_exactly_once(start, client, r, redis_url):
     for name in ("a", "b"):
         start("--procs", "1", "--heartbeat-ttl", "1", "--name", name)

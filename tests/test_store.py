@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import redis
 
-from dispatcher.errors import BrokenKey, UnpackableItems
+from dispatcher.errors import BrokenKey, LostId, UnpackableItems
 from dispatcher.keys import Keys
 from dispatcher.store import Store
 
@@ -203,6 +203,36 @@ def test_outcomes_that_cannot_be_packed_are_named_and_nothing_is_written(r):
         store.finish_and_fetch("d1", items, 0)
     assert caught.value.bad == [1] and "surrogates not allowed" in caught.value.why
     assert r.hlen(KEYS.inflight("d1")) == 4                           # nothing was written
+
+
+def test_a_process_whose_id_another_holds_now_can_write_nothing_to_its_records(r):
+    """Cut off (or paused) past its heartbeat's TTL, a dispatcher's id may be claimed by another
+    process: from then on each write of the first would land in the second's records."""
+    old, new = make_store(r), make_store(r)
+    info = {"host": "h", "pid": 1}
+    assert old.claim("d1", info, 60_000)
+    old.reconcile("d1", 2)
+    old.push("normal", [b"a", b"b"])
+    [a] = old.fetch("d1", 1)
+    r.delete(KEYS.heartbeat("d1"))                                   # the lease lapsed...
+    assert new.claim("d1", {"host": "h", "pid": 2}, 60_000)        # ...and another took the id
+    new.reconcile("d1", 2)                                            # putting a back
+    before = {k: r.dump(k) for k in (KEYS.inflight("d1"), KEYS.tokens("d1"), "t:normal")}
+    for attempt in (lambda: old.fetch("d1", 1), lambda: old.finish_and_fetch("d1", [{"slot": a.slot}], 1),
+                    lambda: old.finish("d1", [{"slot": a.slot}]), lambda: old.reconcile("d1", 2),
+                    lambda: old.beat("d1", info, 60_000), lambda: old.forget("d1")):
+        with pytest.raises(LostId, match='"pid": 2'):
+            attempt()
+    assert {k: r.dump(k) for k in before} == before and r.exists(KEYS.heartbeat("d1"))
+    assert new.beat("d1", {"host": "h", "pid": 2}, 60_000) is True
+
+
+def test_a_lapsed_heartbeat_nobody_claimed_is_taken_again(r):
+    store = make_store(r)
+    assert store.claim("d1", {"pid": 1}, 60_000)
+    r.delete(KEYS.heartbeat("d1"))
+    assert store.beat("d1", {"pid": 1}, 60_000) is False             # said, then held again
+    assert store.beat("d1", {"pid": 1}, 60_000) is True
 
 
 def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r):

@@ -12,15 +12,23 @@ KEYS[3..5]  the high, normal and low lists
 KEYS[6..8]  the high, normal and low schedules (sorted sets, score = due time in ms)
 KEYS[9]     the wake list (pushed when a task is scheduled); cleared here, since this call sees
             every schedule and reports the next due time
+KEYS[10]    this dispatcher's heartbeat
 ARGV[1]     most tasks to take
-ARGV[2]     how many of the lists to take from, highest first (optional, default 3): 1 takes
-            high tasks only, while one waits and the dispatcher holds others (dispatcher.urgent)
+ARGV[2]     how many of the lists to take from, highest first: 1 takes high tasks only, while
+            one waits and the dispatcher holds others (dispatcher.urgent)
+ARGV[3]     this process's instance (in its heartbeat): if another process holds the id now,
+            answer "LOSTID <its heartbeat>" and write nothing (dispatcher.heartbeat)
 
 Returns an error "BADKEY <key> holds a <type>, ..." and writes nothing if one of KEYS[1..5] has
 the wrong type. Otherwise {slot, list index (1..3), element, ...} when it took tasks, or a single number:
 milliseconds until the next scheduled task is due, -1 if nothing is scheduled, or -2 if this
 dispatcher has no free token (its local count disagrees with Redis: it must reconcile).
 ]]
+local owner = redis.call('GET', KEYS[10])
+if owner and not string.find(owner, ARGV[3], 1, true) then
+  return redis.error_reply('LOSTID ' .. owner)
+end
+
 -- A key of another type (a SET by hand on a queue's name, say) would fail a write halfway:
 -- Redis keeps the writes a script made before an error, so tasks already popped, or moved off
 -- their schedule, would be lost. Check first, write nothing, and say which key.
@@ -54,7 +62,7 @@ end
 local out = {}
 local record = {}
 local taken = 0
-for i = 1, tonumber(ARGV[2] or 3) do
+for i = 1, tonumber(ARGV[2]) do
   if taken >= want then break end
   local elements = redis.call('RPOP', KEYS[2 + i], want - taken)
   if elements then

@@ -8,6 +8,9 @@ would duplicate it. The in-flight entry is the lease; no lease, no write.
 KEYS[1]   in-flight hash of this dispatcher
 KEYS[2]   tokens list of this dispatcher
 KEYS[3]   the wake list: a retry pushes it so idle dispatchers learn of the new due time
+KEYS[4]   this dispatcher's heartbeat
+ARGV[2]   this process's instance: if another process holds the id now, answer "LOSTID <its
+          heartbeat>" and write nothing (its slots are that process's now)
 ARGV[1]   msgpack array of maps, each with "slot" and "action":
   (none)                                          task done, nobody asked for its outcome: the
                                                   common case, so its map holds the slot alone
@@ -57,6 +60,11 @@ local function release()
     redis.call('LPUSH', KEYS[2], unpack(done_slots))
     done_fields, done_slots = {}, {}
   end
+end
+
+local owner = redis.call('GET', KEYS[4])
+if owner and not string.find(owner, ARGV[2], 1, true) then
+  return redis.error_reply('LOSTID ' .. owner)
 end
 
 local items = cmsgpack.unpack(ARGV[1])

@@ -12,15 +12,23 @@ Used in three places, always as one atomic step:
 KEYS[1]  in-flight hash    KEYS[2]  tokens list    KEYS[3]  heartbeat key
 KEYS[4]  set of dispatcher ids
 ARGV[1]  "self" or "peer"   ARGV[2]  dispatcher id   ARGV[3]  number of slots (procs + prefetch)
-ARGV[4..] known slots as triples: slot, source list, element
+ARGV[4]  "self": this process's instance: if another process holds the id now, answer
+         "LOSTID <its heartbeat>" and write nothing
+ARGV[5..] known slots as triples: slot, source list, element
 Returns the number of elements put back on their lists, or -1 if the peer is alive.
 ]]
 if ARGV[1] == 'peer' and redis.call('EXISTS', KEYS[3]) == 1 then
   return -1
 end
+if ARGV[1] == 'self' then
+  local owner = redis.call('GET', KEYS[3])
+  if owner and not string.find(owner, ARGV[4], 1, true) then
+    return redis.error_reply('LOSTID ' .. owner)
+  end
+end
 
 local known = {}
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   known[ARGV[i]] = true
 end
 
@@ -43,7 +51,7 @@ if ARGV[1] == 'peer' then
   return requeued
 end
 
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2], ARGV[i] .. ':q', ARGV[i + 1])
 end
 for slot = 0, tonumber(ARGV[3]) - 1 do
