@@ -16,7 +16,7 @@ from dispatcher.codec import JSON, Task, new_task_id
 from dispatcher.errors import ConfigError, ResultTimeout, TaskFailed
 from dispatcher.keys import PRIORITIES, Keys
 from dispatcher.server import running_server_url
-from dispatcher.store import Store, connect
+from dispatcher.store import DeadLetter, Store, connect
 
 
 def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -113,10 +113,22 @@ def _printable(fields: dict[str, bytes]) -> dict[str, Any]:
     return out
 
 
+def _json_letter(letter: DeadLetter) -> dict[str, Any]:
+    """The id as text (escaped if need be), plus its exact bytes when they are not UTF-8."""
+    out: dict[str, Any] = {"id": letter.id}
+    if letter.id.encode() != letter.raw_id:
+        out["id_base64"] = base64.b64encode(letter.raw_id).decode()
+    return {**out, **_printable(letter.fields)}
+
+
+def _shown(raw_id: bytes) -> str:
+    return raw_id.decode("utf-8", "backslashreplace")
+
+
 def cmd_dead_list(args: argparse.Namespace) -> int:
     letters = _store(args).dead_letters(0, args.limit - 1)
     if args.json:
-        print(json.dumps([{"id": d.id, **_printable(d.fields)} for d in letters], indent=2))
+        print(json.dumps([_json_letter(d) for d in letters], indent=2))
         return 0
     if not letters:
         print("no dead letters")
@@ -135,9 +147,12 @@ def cmd_dead_requeue(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.all == bool(args.ids):
         raise ConfigError("give dead-letter ids or --all (not both)")
-    ids = [d.id for d in store.dead_letters()] if args.all else args.ids
-    done = [i for i in ids if store.requeue_dead(i)]
-    missing = sorted(set(ids) - set(done))
+    # ids from argv are str that Python decoded with surrogateescape: this gives back their bytes
+    ids = ([d.raw_id for d in store.dead_letters()] if args.all
+           else [i.encode("utf-8", "surrogateescape") for i in args.ids])
+    done, missing = [], []
+    for raw_id in ids:
+        (done if store.requeue_dead(raw_id) else missing).append(_shown(raw_id))
     if args.json:
         print(json.dumps({"requeued": done, "not_found": missing}))
     else:

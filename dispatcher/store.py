@@ -60,8 +60,16 @@ class Fetched(NamedTuple):
 
 @dataclass(frozen=True)
 class DeadLetter:
-    id: str
+    """One dead letter. Its id is kept as the bytes stored, since anyone can push to the dead
+    list and an id need not be UTF-8; `id` is the text shown to people."""
+
+    raw_id: bytes
     fields: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        """The id as text; bytes that are not UTF-8 are shown as \\xNN escapes."""
+        return self.raw_id.decode("utf-8", "backslashreplace")
 
 
 class Store:
@@ -273,25 +281,38 @@ class Store:
                 "dead": replies[2 * len(PRIORITIES)], "dispatchers": dispatchers}
 
     def dead_letters(self, start: int = 0, stop: int = -1) -> list[DeadLetter]:
-        ids = [i.decode() for i in self.client.lrange(self.keys.dead, start, stop)]
+        ids = self.client.lrange(self.keys.dead, start, stop)
         pipe = self.client.pipeline(transaction=False)
-        for dead_id in ids:
-            pipe.hgetall(self.keys.dead_entry(dead_id))
-        return [DeadLetter(dead_id, {k.decode(): v for k, v in fields.items()})
-                for dead_id, fields in zip(ids, pipe.execute())]
+        for raw_id in ids:
+            pipe.hgetall(self._dead_entry(raw_id))
+        return [DeadLetter(raw_id, {k.decode("utf-8", "backslashreplace"): v for k, v in fields.items()})
+                for raw_id, fields in zip(ids, pipe.execute())]
 
-    def requeue_dead(self, dead_id: str) -> bool:
-        keys = [self.keys.dead, self.keys.dead_entry(dead_id)]
-        return bool(self._dead_requeue(keys=keys, args=[dead_id, self.keys.queue("normal")]))
+    def requeue_dead(self, dead_id: str | bytes) -> bool:
+        """Put one dead letter back. A str id is encoded with surrogateescape, so an id that came
+        from the command line (which Python decodes that way) names the same bytes."""
+        raw_id = _id_bytes(dead_id)
+        keys = [self.keys.dead, self._dead_entry(raw_id)]
+        return bool(self._dead_requeue(keys=keys, args=[raw_id, self.keys.queue("normal")]))
 
     def purge_dead(self) -> int:
-        ids = [i.decode() for i in self.client.lrange(self.keys.dead, 0, -1)]
+        """Delete every dead letter, ids that are not UTF-8 or have no hash included."""
+        ids = self.client.lrange(self.keys.dead, 0, -1)
         pipe = self.client.pipeline(transaction=True)
-        for dead_id in ids:
-            pipe.delete(self.keys.dead_entry(dead_id))
-            pipe.lrem(self.keys.dead, 1, dead_id)
+        for raw_id in ids:
+            pipe.delete(self._dead_entry(raw_id))
+            pipe.lrem(self.keys.dead, 1, raw_id)
         pipe.execute()
         return len(ids)
+
+    def _dead_entry(self, raw_id: bytes) -> bytes:
+        """The hash key of a dead letter whose id is any bytes (Keys builds names from str)."""
+        name = self.keys.dead_entry(raw_id.decode("utf-8", "surrogateescape"))
+        return name.encode("utf-8", "surrogateescape")
+
+
+def _id_bytes(dead_id: str | bytes) -> bytes:
+    return dead_id if isinstance(dead_id, bytes) else dead_id.encode("utf-8", "surrogateescape")
 
 
 class _Connection:

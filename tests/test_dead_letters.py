@@ -1,0 +1,59 @@
+"""Dead letters that are not what the dispatcher writes: ids that are not UTF-8, entries that
+cannot be requeued. Checked at the data level and through the real CLI against a real server."""
+from __future__ import annotations
+
+import json
+
+from dispatcher.keys import Keys
+from dispatcher.store import Store
+from procs import run_cli
+
+KEYS = Keys("dispatcher")  # the CLI's default prefix
+JUNK = b"\xffjunk\xfe"     # an id a producer pushed by mistake; not UTF-8
+
+
+def add_letter(r, dead_id: str | bytes, payload: bytes = b'{"task": "t.echo"}',
+               queue: str = "dispatcher:normal") -> None:
+    """Write a dead letter the way finish.lua does: the hash, then the id at the head."""
+    key = KEYS.dead_entry("").encode() + (dead_id if isinstance(dead_id, bytes) else dead_id.encode())
+    r.hset(key, mapping={"payload": payload, "queue": queue, "reason": "test", "dead_at": "now"})
+    r.lpush(KEYS.dead, dead_id)
+
+
+def test_store_lists_requeues_and_purges_ids_that_are_not_utf8(r):
+    store = Store(r, KEYS)
+    add_letter(r, "good")
+    add_letter(r, JUNK, payload=b"junk payload")
+    r.lpush(KEYS.dead, b"\xc3(")                      # an id alone, with no hash
+    letters = store.dead_letters()
+    assert [d.raw_id for d in letters] == [b"\xc3(", JUNK, b"good"]
+    assert [d.id for d in letters] == ["\\xc3(", "\\xffjunk\\xfe", "good"]
+    assert letters[1].fields["payload"] == b"junk payload" and letters[0].fields == {}
+    assert store.requeue_dead(JUNK) is True
+    assert r.lrange("dispatcher:normal", 0, -1) == [b"junk payload"]
+    assert store.purge_dead() == 2
+    assert r.llen(KEYS.dead) == 0 and r.keys("dispatcher:dead*") == []
+
+
+def test_cli_lists_requeues_and_purges_ids_that_are_not_utf8(r, redis_url):
+    add_letter(r, "good")
+    add_letter(r, JUNK, payload=b"junk payload")
+    add_letter(r, "later")
+    listed = run_cli("dead", "list", url=redis_url)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert "\\xffjunk\\xfe" in listed.stdout and "good" in listed.stdout
+    as_json = json.loads(run_cli("dead", "list", "--json", url=redis_url, check=True).stdout)
+    assert [d["id"] for d in as_json] == ["later", "\\xffjunk\\xfe", "good"]
+    assert "id_base64" not in as_json[0] and as_json[1]["id_base64"] == "/2p1bmv+"
+
+    requeued = run_cli("dead", "requeue", "--all", url=redis_url)
+    assert requeued.returncode == 0 and "Traceback" not in requeued.stderr, requeued.stderr
+    assert "requeued 3 dead letter(s)" in requeued.stdout
+    assert r.llen(KEYS.dead) == 0 and r.llen("dispatcher:normal") == 3
+
+    add_letter(r, "another")
+    r.lpush(KEYS.dead, JUNK)                          # an id alone, with no hash
+    purged = run_cli("dead", "purge", "--json", url=redis_url)
+    assert purged.returncode == 0 and "Traceback" not in purged.stderr, purged.stderr
+    assert json.loads(purged.stdout) == {"purged": 2}
+    assert r.llen(KEYS.dead) == 0 and r.keys("dispatcher:dead*") == []
