@@ -16,7 +16,7 @@ from dispatcher.codec import JSON, Task, new_task_id
 from dispatcher.errors import ConfigError, ResultTimeout, TaskFailed
 from dispatcher.keys import PRIORITIES, Keys
 from dispatcher.server import running_server_url
-from dispatcher.store import DeadLetter, Store, connect
+from dispatcher.store import NOT_FOUND, REQUEUED, DeadLetter, Store, connect
 
 
 def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -134,7 +134,8 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
         print("no dead letters")
     for d in letters:
         f = _printable(d.fields)
-        payload = f.get("payload") or f"<{len(d.fields.get('payload', b''))} bytes, not text>"
+        payload = ("<none>" if "payload" not in d.fields
+                   else f.get("payload") or f"<{len(d.fields['payload'])} bytes, not text>")
         print(f"{d.id}  {f.get('dead_at', '?')}  from {f.get('queue', '?')}  attempts {f.get('attempts', '?')}")
         print(f"    reason: {f.get('reason', '?')}")
         if f.get("error"):
@@ -150,14 +151,23 @@ def cmd_dead_requeue(args: argparse.Namespace) -> int:
     # ids from argv are str that Python decoded with surrogateescape: this gives back their bytes
     ids = ([d.raw_id for d in store.dead_letters()] if args.all
            else [i.encode("utf-8", "surrogateescape") for i in args.ids])
-    done, missing = [], []
+    done, missing, failed = [], [], {}
     for raw_id in ids:
-        (done if store.requeue_dead(raw_id) else missing).append(_shown(raw_id))
+        outcome = store.requeue_dead(raw_id)
+        if outcome == REQUEUED:
+            done.append(_shown(raw_id))
+        elif outcome == NOT_FOUND:
+            missing.append(_shown(raw_id))
+        else:
+            failed[_shown(raw_id)] = outcome
     if args.json:
-        print(json.dumps({"requeued": done, "not_found": missing}))
+        # "failed" only when there is one: scripts written for the old two keys keep working
+        print(json.dumps({"requeued": done, "not_found": missing, **({"failed": failed} if failed else {})}))
     else:
         print(f"requeued {len(done)} dead letter(s)" + (f"; not found: {' '.join(missing)}" if missing else ""))
-    return 0 if not missing else 1
+    for shown, why in failed.items():
+        print(f"cannot requeue dead letter {shown}: {why}; it stays in the dead-letter list", file=sys.stderr)
+    return 0 if not missing and not failed else 1
 
 
 def cmd_dead_purge(args: argparse.Namespace) -> int:

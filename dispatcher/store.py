@@ -25,6 +25,8 @@ from dispatcher.keys import PRIORITIES, Keys
 
 logger = logging.getLogger(__name__)
 
+REQUEUED, NOT_FOUND = "requeued", "not found"  # what requeue_dead returns, besides a reason
+
 # The errors that mean "Redis is not there right now"; everything else is a bug or bad data.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 WAIT_CHUNK = 5.0  # longest single blocking call, well under any socket timeout we set
@@ -288,12 +290,19 @@ class Store:
         return [DeadLetter(raw_id, {k.decode("utf-8", "backslashreplace"): v for k, v in fields.items()})
                 for raw_id, fields in zip(ids, pipe.execute())]
 
-    def requeue_dead(self, dead_id: str | bytes) -> bool:
-        """Put one dead letter back. A str id is encoded with surrogateescape, so an id that came
-        from the command line (which Python decodes that way) names the same bytes."""
+    def requeue_dead(self, dead_id: str | bytes) -> str:
+        """Put one dead letter back on its list. Returns "requeued", "not found" (not in the dead
+        list: already requeued or purged), or why it was left in place (no payload, a queue key
+        of another type): the script checks before it writes, so a failure loses nothing.
+
+        A str id is encoded with surrogateescape, so an id that came from the command line
+        (which Python decodes that way) names the same bytes."""
         raw_id = _id_bytes(dead_id)
         keys = [self.keys.dead, self._dead_entry(raw_id)]
-        return bool(self._dead_requeue(keys=keys, args=[raw_id, self.keys.queue("normal")]))
+        status, detail = self._dead_requeue(keys=keys, args=[raw_id, self.keys.queue("normal")])
+        if status == b"requeued":
+            return REQUEUED
+        return NOT_FOUND if status == b"not found" else detail.decode("utf-8", "backslashreplace")
 
     def purge_dead(self) -> int:
         """Delete every dead letter, ids that are not UTF-8 or have no hash included."""

@@ -29,7 +29,7 @@ def test_store_lists_requeues_and_purges_ids_that_are_not_utf8(r):
     assert [d.raw_id for d in letters] == [b"\xc3(", JUNK, b"good"]
     assert [d.id for d in letters] == ["\\xc3(", "\\xffjunk\\xfe", "good"]
     assert letters[1].fields["payload"] == b"junk payload" and letters[0].fields == {}
-    assert store.requeue_dead(JUNK) is True
+    assert store.requeue_dead(JUNK) == "requeued"
     assert r.lrange("dispatcher:normal", 0, -1) == [b"junk payload"]
     assert store.purge_dead() == 2
     assert r.llen(KEYS.dead) == 0 and r.keys("dispatcher:dead*") == []
@@ -57,3 +57,49 @@ def test_cli_lists_requeues_and_purges_ids_that_are_not_utf8(r, redis_url):
     assert purged.returncode == 0 and "Traceback" not in purged.stderr, purged.stderr
     assert json.loads(purged.stdout) == {"purged": 2}
     assert r.llen(KEYS.dead) == 0 and r.keys("dispatcher:dead*") == []
+
+
+def test_requeue_checks_before_it_writes_and_leaves_the_letter_in_place(r):
+    store = Store(r, KEYS)
+    r.hset("my:hash", "f", "v")
+    add_letter(r, "to-hash", queue="my:hash")
+    add_letter(r, "no-payload")
+    r.hdel(KEYS.dead_entry("no-payload"), "payload")
+    r.lpush(KEYS.dead, "no-hash")
+    r.set(KEYS.dead_entry("a-string"), "x")
+    r.lpush(KEYS.dead, "a-string")
+    before = r.lrange(KEYS.dead, 0, -1)
+    assert store.requeue_dead("to-hash") == "queue my:hash holds a hash, not a list"
+    assert store.requeue_dead("no-payload") == "it has no payload"
+    assert store.requeue_dead("no-hash") == "its hash dispatcher:dead:no-hash is missing"
+    assert store.requeue_dead("a-string") == "dispatcher:dead:a-string is a string, not a hash"
+    assert store.requeue_dead("never-there") == "not found"
+    assert r.lrange(KEYS.dead, 0, -1) == before       # nothing written
+    assert r.hgetall(KEYS.dead_entry("to-hash"))[b"payload"] == b'{"task": "t.echo"}'
+    assert r.hgetall("my:hash") == {b"f": b"v"} and r.keys("dispatcher:normal") == []
+    r.delete("my:hash")                               # fixed: now it can go back
+    assert store.requeue_dead("to-hash") == "requeued"
+    assert r.lrange("my:hash", 0, -1) == [b'{"task": "t.echo"}']
+    assert not r.exists(KEYS.dead_entry("to-hash")) and b"to-hash" not in r.lrange(KEYS.dead, 0, -1)
+
+
+def test_cli_requeue_says_why_a_letter_stays_and_exits_non_zero(r, redis_url):
+    r.hset("my:hash", "f", "v")
+    add_letter(r, "to-hash", queue="my:hash")
+    failed = run_cli("dead", "requeue", "to-hash", url=redis_url)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert failed.stderr.strip() == ("cannot requeue dead letter to-hash: queue my:hash holds a hash, "
+                                     "not a list; it stays in the dead-letter list")
+    assert "requeued 0 dead letter(s)" in failed.stdout
+    assert r.lrange(KEYS.dead, 0, -1) == [b"to-hash"] and r.exists(KEYS.dead_entry("to-hash"))
+
+    add_letter(r, "good")
+    r.lpush(KEYS.dead, JUNK)                          # a producer's mistake: an id with no hash
+    both = run_cli("dead", "requeue", "--all", "--json", url=redis_url)
+    assert both.returncode == 1 and "Traceback" not in both.stderr, both.stderr
+    assert json.loads(both.stdout) == {"requeued": ["good"], "not_found": [], "failed": {
+        "\\xffjunk\\xfe": "its hash dispatcher:dead:\\xffjunk\\xfe is missing",
+        "to-hash": "queue my:hash holds a hash, not a list"}}
+    assert len(both.stderr.strip().splitlines()) == 2
+    assert r.lrange(KEYS.dead, 0, -1) == [JUNK, b"to-hash"]
+    assert run_cli("dead", "requeue", "gone", url=redis_url).returncode == 1

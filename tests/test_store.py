@@ -251,8 +251,8 @@ def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r)
     [letter] = store.dead_letters()
     assert letter.fields["payload"] == b"\xffbad"
     assert letter.fields["queue"] == b"t:high" and letter.fields["reason"] == b"not JSON"
-    assert store.requeue_dead("x1") is True
-    assert store.requeue_dead("x1") is False          # exactly once
+    assert store.requeue_dead("x1") == "requeued"
+    assert store.requeue_dead("x1") == "not found"    # exactly once
     assert r.lrange("t:high", 0, -1) == [b"\xffbad", b"newer", b"good"]
 
 
