@@ -37,7 +37,8 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     dead_sub = dead.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
     listing = dead_sub.add_parser("list", help="show dead letters, newest first")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    listing.add_argument("--limit", type=int, default=100, help="most entries shown (default 100)")
+    listing.add_argument("--limit", type=_at_least_one, default=100,
+                         help="most entries shown, 1 or more (default 100)")
     listing.set_defaults(handler=cmd_dead_list)
     requeue = dead_sub.add_parser("requeue", help="put dead letters back on their lists")
     requeue.add_argument("ids", nargs="*", metavar="ID")
@@ -49,6 +50,17 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     purge.set_defaults(handler=cmd_dead_purge)
     for parser in (enq, status, listing, requeue, purge):
         common(parser)
+
+
+def _at_least_one(text: str) -> int:
+    """--limit N shows entries 0..N-1: 0 would show them all and -1 all but the last."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number, 1 or more")
+    return value
 
 
 def _url(args: argparse.Namespace) -> str:

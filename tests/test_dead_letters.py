@@ -103,3 +103,13 @@ def test_cli_requeue_says_why_a_letter_stays_and_exits_non_zero(r, redis_url):
     assert len(both.stderr.strip().splitlines()) == 2
     assert r.lrange(KEYS.dead, 0, -1) == [JUNK, b"to-hash"]
     assert run_cli("dead", "requeue", "gone", url=redis_url).returncode == 1
+
+
+def test_dead_list_limit_must_be_one_or_more(r, redis_url):
+    for dead_id in ("a", "b", "c"):
+        add_letter(r, dead_id)
+    for bad in ("0", "-1", "x"):
+        refused = run_cli("dead", "list", "--limit", bad, url=redis_url)
+        assert refused.returncode == 2 and "--limit: must be a whole number, 1 or more" in refused.stderr
+    shown = json.loads(run_cli("dead", "list", "--json", "--limit", "2", url=redis_url, check=True).stdout)
+    assert [d["id"] for d in shown] == ["c", "b"]
