@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from redis.connection import parse_url
+
 from dispatcher import cli_tools
 from dispatcher.dispatcher import Dispatcher
-from dispatcher.errors import DispatcherError
+from dispatcher.errors import ConfigError, DispatcherError
 from dispatcher.keys import DEFAULT_PREFIX, Keys
 from dispatcher.registry import registry
 from dispatcher.server import DEFAULT_LOCAL_URL, default_state_dir, mask_url, resolve_server
@@ -122,6 +124,27 @@ def _apply_env(args: argparse.Namespace, env: dict[str, str]) -> None:
     args.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(env)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse what cannot work before anything connects or starts, in one line.
+
+    Otherwise redis-py meets a bad URL only at the first connection, with a traceback.
+    """
+    _check_url(args.redis_url, "redis_url")
+    _check_url(args.local_url, "local_url")
+
+
+def _check_url(url: str | None, dest: str) -> None:
+    """Name the flag and its variable: the URL may have come from either."""
+    if not url:
+        return
+    try:
+        parse_url(url)  # what redis.Redis.from_url does with it
+    except ValueError as exc:
+        var = next(v for v, d in ENV_FLAGS.items() if d == dest)
+        flag = "--" + dest.replace("_", "-")
+        raise ConfigError(f"{flag} (or {var}) {mask_url(url)!r} is not a Redis URL: {exc}") from exc
+
+
 def settings_from(args: argparse.Namespace, redis_url: str) -> Settings:
     modules = tuple(getattr(args, "tasks", None) or (EXAMPLE_TASKS,))
     return Settings(
@@ -170,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level or "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_args(args)
         if args.command in (None, "run"):
             return run(args)
         return args.handler(args)
