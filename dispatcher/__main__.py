@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import redis
 from redis.connection import parse_url
+from redis.exceptions import NoPermissionError
 
 from dispatcher import cli_tools
 from dispatcher.dispatcher import Dispatcher
-from dispatcher.errors import ConfigError, DispatcherError
+from dispatcher.errors import ConfigError, ConnectionLost, DispatcherError
 from dispatcher.keys import DEFAULT_PREFIX, Keys
 from dispatcher.registry import registry
 from dispatcher.server import DEFAULT_LOCAL_URL, default_state_dir, mask_url, resolve_server
@@ -29,6 +31,7 @@ EXAMPLE_TASKS = "dispatcher.example"
 # environment variable -> the flag it stands for (a flag on the command line wins)
 ENV_FLAGS = {"REDIS_URL": "redis_url", "DISPATCHER_PREFIX": "prefix", "DISPATCHER_STATE_DIR": "state_dir",
              "DISPATCHER_LOCAL_URL": "local_url"}
+EXIT_ERROR = 2  # for every error main() reports in one line
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -186,6 +189,31 @@ def _serve(settings: Settings, server: object) -> int:
     return dispatcher.run()
 
 
+def _one_line(exc: Exception, url: str) -> str | None:
+    """What to tell the user about an error they can fix; None for one that is a bug.
+
+    url is the one in use (for a server this project started: the local URL, but such a server
+    has no password and no database to refuse).
+    """
+    cause = exc.__cause__ if isinstance(exc, ConnectionLost) else exc  # what Redis said
+    where = f"Redis at {mask_url(url)}"
+    if isinstance(cause, redis.AuthenticationError):  # also a ConnectionError: ask first
+        if parse_url(url).get("password"):
+            return f"{where} refused the password in the URL: {cause}"
+        return f"{where} wants a password: give it in the URL (redis://[USER]:PASSWORD@HOST:PORT/DB)"
+    if isinstance(exc, DispatcherError):
+        return str(exc)
+    if isinstance(exc, REDIS_DOWN):
+        return f"Redis is unreachable: {exc}"
+    if isinstance(exc, NoPermissionError):
+        return f"{where} refused a command: the URL's user lacks a permission: {exc}"
+    # redis-py has no class for it; Redis and Valkey both say this when SELECT is refused
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith("DB index is out of range"):
+        return (f"{where} has no database {parse_url(url).get('db')}: {exc} (a server has "
+                "databases 0-15 unless its `databases` setting says otherwise)")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,12 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in (None, "run"):
             return run(args)
         return args.handler(args)
-    except DispatcherError as exc:
-        logger.error("%s", exc)
-        return 2
-    except REDIS_DOWN as exc:
-        logger.error("Redis is unreachable: %s", exc)
-        return 2
+    except (DispatcherError, redis.RedisError) as exc:
+        message = _one_line(exc, args.redis_url or args.local_url)
+        if message is None:
+            raise
+        logger.error("%s", message)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ nothing, when the input is refused before any connection).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import redis
 
 from procs import run_cli
 
@@ -22,6 +25,10 @@ def one_line_error(proc) -> str:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+def with_userinfo(url: str, userinfo: str) -> str:
+    return url.replace("redis://", f"redis://{userinfo}@", 1)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:6392", "garbage", "redis://127.0.0.1:notaport/0"])
@@ -45,3 +52,55 @@ def test_a_malformed_local_url_is_one_line(tmp_path):
 def test_a_password_in_a_malformed_url_stays_hidden(tmp_path):
     line = one_line_error(run_cli("status", "--state-dir", str(tmp_path), url="http://:s3cret@127.0.0.1:1/0"))
     assert "s3cret" not in line
+
+
+@pytest.mark.parametrize("command", [("--procs", "1"), *SHORT_COMMANDS])
+def test_a_database_the_server_does_not_have_is_one_line(command, redis_url, r):
+    line = one_line_error_or_last(run_cli(*command, url=redis_url.rsplit("/", 1)[0] + "/99"), command)
+    assert "database 99" in line
+    assert r.dbsize() == 0
+
+
+def one_line_error_or_last(proc, command: tuple[str, ...]) -> str:
+    """`run` logs its start before it meets the server's refusal: only its last line must be the error."""
+    if command and command[0] in ("status", "enqueue", "dead"):
+        return one_line_error(proc)
+    assert proc.returncode == EXIT_ERROR, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def password(r: redis.Redis, redis_url: str) -> Iterator[str]:
+    """The test's own server asks for a password ("pw") until the test ends."""
+    r.config_set("requirepass", "pw")
+    try:
+        yield "pw"
+    finally:
+        with redis.Redis.from_url(with_userinfo(redis_url, ":pw")) as admin:
+            admin.config_set("requirepass", "")
+
+
+@pytest.mark.parametrize("command", SHORT_COMMANDS)
+def test_a_wrong_password_is_one_line(command, password, redis_url, r):
+    line = one_line_error(run_cli(*command, url=with_userinfo(redis_url, ":wrongpw")))
+    assert "refused the password" in line and "wrongpw" not in line
+    assert r.llen("dispatcher:normal") == 0
+
+
+@pytest.mark.parametrize("command", SHORT_COMMANDS)
+def test_a_missing_password_is_one_line(command, password, redis_url):
+    line = one_line_error(run_cli(*command, url=redis_url))
+    assert "password" in line
+
+
+def test_the_right_password_works(password, redis_url):
+    assert run_cli("status", url=with_userinfo(redis_url, ":pw")).returncode == 0
+
+
+def test_an_acl_user_without_the_rights_is_one_line(redis_url, r):
+    r.acl_setuser("watcher", enabled=True, passwords=["+secret"], commands=["+ping"], keys=["*"])
+    line = one_line_error(run_cli("status", url=with_userinfo(redis_url, "watcher:wrong")))
+    assert "refused the password" in line
+    line = one_line_error(run_cli("status", url=with_userinfo(redis_url, "watcher:secret")))
+    assert "permission" in line
