@@ -70,6 +70,20 @@ def one_line_error_or_last(proc, command: tuple[str, ...]) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("args, kwargs, expected", [
+    ("[NaN]", "{}", "NaN"),
+    ("[1e999]", "{}", "Infinity"),
+    ("[-Infinity]", "{}", "Infinity"),
+    ("[1]", '{"x": NaN}', "NaN"),
+    ('["\\ud800"]', "{}", "surrogate"),
+    ('["\udcff"]', "{}", "surrogate"),  # a byte that is not UTF-8 in argv itself
+])
+def test_enqueue_arguments_json_cannot_carry_are_one_line(args, kwargs, expected, redis_url, r):
+    line = one_line_error(run_cli("enqueue", "example.square", args, "--kwargs", kwargs, url=redis_url))
+    assert expected in line
+    assert r.llen("dispatcher:normal") == 0
+
+
 @pytest.fixture
 def password(r: redis.Redis, redis_url: str) -> Iterator[str]:
     """The test's own server asks for a password ("pw") until the test ends."""
