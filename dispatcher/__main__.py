@@ -33,6 +33,9 @@ EXAMPLE_TASKS = "dispatcher.example"
 ENV_FLAGS = {"REDIS_URL": "redis_url", "DISPATCHER_PREFIX": "prefix", "DISPATCHER_STATE_DIR": "state_dir",
              "DISPATCHER_LOCAL_URL": "local_url"}
 EXIT_ERROR = 2  # for every error main() reports in one line
+EXIT_CODES = ("exit codes: 0 done; 1 the task failed (enqueue --wait) or an id was not found (dead "
+              "requeue); 2 a flag, URL or argument that cannot work, or Redis unreachable or refusing "
+              "the password, the database or a command; 3 no result within --timeout (enqueue --wait)")
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -41,8 +44,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="Redis to use (env REDIS_URL). Default: a Redis >= 7 answering on "
                              "127.0.0.1:6379, else the bundled server (started by `run`)")
     parser.add_argument("--prefix", default=default,
-                        help=f"key prefix (env DISPATCHER_PREFIX; default {DEFAULT_PREFIX!r}); "
-                             "use a {hash tag} on Redis Cluster")
+                        help=f"key prefix, not empty (env DISPATCHER_PREFIX, where empty means unset; "
+                             f"default {DEFAULT_PREFIX!r}); use a {{hash tag}} on Redis Cluster")
     parser.add_argument("--state-dir", default=default, type=Path, metavar="DIR",
                         help="where a bundled server keeps its data, AOF and log (env "
                              "DISPATCHER_STATE_DIR; default $XDG_STATE_HOME/redis-dispatcher)")
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dispatcher",
         description="Feed tasks from the Redis lists <prefix>:high, :normal and :low to a pool of "
-                    "worker processes, highest priority first. Without a command: run the dispatcher.")
+                    "worker processes, highest priority first. Without a command: run the dispatcher.",
+        epilog=EXIT_CODES)
     _common(parser, suppress=False)
     _run_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -123,7 +127,7 @@ def _apply_env(args: argparse.Namespace, env: dict[str, str]) -> None:
     for var, dest in ENV_FLAGS.items():
         if getattr(args, dest, None) is None and env.get(var):
             setattr(args, dest, env[var])
-    args.prefix = args.prefix or DEFAULT_PREFIX
+    args.prefix = DEFAULT_PREFIX if args.prefix is None else args.prefix
     args.local_url = args.local_url or DEFAULT_LOCAL_URL
     args.state_dir = Path(args.state_dir) if args.state_dir else default_state_dir(env)
 
@@ -132,8 +136,11 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse what cannot work before anything connects or starts, in one line.
 
     Otherwise redis-py meets a bad URL only at the first connection, and the JSON encoder bad
-    enqueue arguments only after it, both as a traceback.
+    enqueue arguments only after it, both as a traceback; and an empty --prefix would quietly
+    become the default, so a producer using the empty one would feed lists nobody reads.
     """
+    if args.prefix == "":
+        raise ConfigError(f"--prefix must not be empty (leave it out for {DEFAULT_PREFIX!r})")
     _check_url(args.redis_url, "redis_url")
     _check_url(args.local_url, "local_url")
     if args.command == "enqueue":

@@ -118,3 +118,20 @@ def test_an_acl_user_without_the_rights_is_one_line(redis_url, r):
     assert "refused the password" in line
     line = one_line_error(run_cli("status", url=with_userinfo(redis_url, "watcher:secret")))
     assert "permission" in line
+
+
+@pytest.mark.parametrize("command", [("--procs", "1"), ("run", "--procs", "1"), *SHORT_COMMANDS])
+def test_an_empty_prefix_is_refused(command, redis_url, r):
+    line = one_line_error(run_cli(*command, "--prefix", "", url=redis_url))
+    assert "--prefix" in line
+    assert r.dbsize() == 0
+
+
+def test_an_empty_prefix_variable_means_the_default(redis_url):
+    proc = run_cli("status", "--json", url=redis_url, env={"DISPATCHER_PREFIX": ""})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_help_documents_the_exit_codes():
+    out = run_cli("--help", check=True).stdout
+    assert "exit" in out.lower() and "2" in out
