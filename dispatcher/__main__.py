@@ -6,7 +6,6 @@ variables map onto flags in ENV_FLAGS and nowhere else.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -143,8 +142,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--prefix must not be empty (leave it out for {DEFAULT_PREFIX!r})")
     _check_url(args.redis_url, "redis_url")
     _check_url(args.local_url, "local_url")
-    if args.command == "enqueue":
-        _check_enqueue_json(("args", args.args), ("--kwargs", args.kwargs))
 
 
 def _check_url(url: str | None, dest: str) -> None:
@@ -157,25 +154,6 @@ def _check_url(url: str | None, dest: str) -> None:
         var = next(v for v, d in ENV_FLAGS.items() if d == dest)
         flag = "--" + dest.replace("_", "-")
         raise ConfigError(f"{flag} (or {var}) {mask_url(url)!r} is not a Redis URL: {exc}") from exc
-
-
-def _check_enqueue_json(*named_texts: tuple[str, str]) -> None:
-    """enqueue sends JSON, which has no NaN or Infinity and no lone surrogates, but Python's
-    json.loads reads both (and 1e999 as Infinity). A text that is not JSON at all is left to
-    cmd_enqueue, which says so."""
-    for name, text in named_texts:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            continue
-        try:
-            json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ConfigError(f"{name} must be JSON without lone surrogates: {exc.object[exc.start]!r} is "
-                              "half of a UTF-16 pair, not a character") from exc
-        except ValueError as exc:
-            raise ConfigError(f"{name} must be JSON without NaN or Infinity (a number too large "
-                              "for a float, like 1e999, reads as Infinity)") from exc
 
 
 def settings_from(args: argparse.Namespace, redis_url: str) -> Settings:

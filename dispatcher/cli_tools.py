@@ -80,8 +80,16 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise ConfigError("args must be a JSON list and --kwargs a JSON object")
     task = Task(name=args.name, args=tuple(call_args), kwargs=call_kwargs, id=new_task_id(),
                 codec=JSON, want_result=args.wait)
+    try:  # Python's json reads what JSON cannot carry
+        element = task.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"args and --kwargs must be JSON without lone surrogates: {exc.object[exc.start]!r} "
+                          "is half of a UTF-16 pair, not a character") from exc
+    except ValueError as exc:
+        raise ConfigError("args and --kwargs must be JSON without NaN or Infinity (a number too large "
+                          "for a float, like 1e999, reads as Infinity)") from exc
     client = Client(_url(args), prefix=args.prefix)
-    client.store.push(args.priority, [task.encode()])
+    client.store.push(args.priority, [element])
     print(task.id)
     if not args.wait:
         return 0
