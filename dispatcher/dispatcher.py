@@ -294,6 +294,7 @@ class Dispatcher:
         """Decode and check a fetched task, and record it as running: (its call, its name, its
         hard time limit, whether it is high). A task that cannot run is parked as a dead letter
         instead (None)."""
+        task = None
         try:
             task = decode(fetched.element, max_size=self.settings.max_size)
             if task.reply_to and self.store.keys.owns(task.reply_to):
@@ -305,7 +306,7 @@ class Dispatcher:
             reason = str(exc) if isinstance(exc, InvalidTask) else f"cannot decode element: {exc!r}"
             logger.warning("dead letter: element from %s is not a runnable task: %s", fetched.queue, reason)
             self._lane.fetched(fetched.queue)
-            self._pending.append(outcomes.invalid_item(fetched.slot, reason, self.store.keys, now))
+            self._pending.append(self._refused(fetched.slot, task, exc, reason, now))
             self.counters.dead += 1
             return None
         self._running[fetched.slot] = Running(task, spec, fetched)
@@ -317,6 +318,17 @@ class Dispatcher:
                     None, _first(task.soft_time_limit, spec.soft_time_limit, self.settings.soft_time_limit))
         time_limit = _first(task.time_limit, spec.time_limit, self.settings.time_limit)
         return call, task.name, time_limit, high != 0
+
+    def _refused(self, slot: int, task: Task | None, exc: Exception, reason: str, now: float) -> dict[str, Any]:
+        """The dead letter of an element that cannot run; with the reason sent to whoever waits
+        for its outcome, when it decoded far enough to say who that is."""
+        if task is not None:
+            error_type = type(exc).__name__ if isinstance(exc, InvalidTask) else InvalidTask.__name__
+            try:
+                return outcomes.refused_item(slot, task, error_type, reason, self.store.keys, self.policy, now)
+            except Exception:  # noqa: BLE001 -- the reply cannot be encoded: park it without one
+                logger.debug("no reply for refused task %s", task.id, exc_info=True)
+        return outcomes.invalid_item(slot, reason, self.store.keys, now)
 
     def _submit(self, ready: list[tuple[Call, str, float | None, bool]]) -> None:
         """Hand the tasks to the pool in fetch (priority) order: one job each, or short ones

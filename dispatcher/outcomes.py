@@ -93,6 +93,22 @@ def invalid_item(slot: int, reason: str, keys: Keys, now: float) -> dict[str, An
     return dead_item(slot, {"reason": reason, "dead_at": iso(now), "attempts": 0}, keys)
 
 
+def refused_item(slot: int, task: Task, error_type: str, reason: str, keys: Keys, policy: Policy,
+                 now: float) -> dict[str, Any]:
+    """A task that decoded but cannot run (an unknown name, arguments that do not fit): parked
+    unchanged like any malformed element, and whoever waits for its outcome gets the reason at
+    once, not at the end of their timeout."""
+    result_key, reply_to = _reply_targets(task, keys)
+    if keys.owns(reply_to):  # that is why it was refused: write nothing there
+        reply_to = ""
+    fields = {"reason": reason, "task": task.name, "task_id": task.id, "dead_at": iso(now), "attempts": 0}
+    if not (result_key or reply_to):
+        return dead_item(slot, fields, keys)
+    reply = encode(task.codec, error_reply(task.id, task.name, error_type, reason, "", 0))
+    return _with_reply(dead_item(slot, fields, keys, result_key=result_key, reply_to=reply_to, reply=reply,
+                                 ttl=policy.result_ttl), task, keys)
+
+
 def dead_item(slot: int, fields: dict[str, Any], keys: Keys, *, payload: bytes | None = None,
               result_key: str = "", reply_to: str = "", reply: bytes = b"", ttl: int = 1) -> dict[str, Any]:
     dead_id = uuid.uuid4().hex[:16]

@@ -144,6 +144,26 @@ def test_an_outcome_that_cannot_be_written_is_parked_and_the_loop_goes_on(start,
     assert "loop error" not in proc.log and "ERROR" not in proc.log
 
 
+def test_whoever_waits_on_a_task_that_cannot_run_gets_the_reason_at_once(start, client, r, redis_url):
+    """Parked as a dead letter, it used to leave its waiter to the end of the timeout, told
+    only that the task "may still be queued, running or waiting for a retry"."""
+    start("--procs", "1")
+    with pytest.raises(TaskFailed) as failed:
+        client.enqueue("no.such.task", 1).result(timeout=10)
+    assert failed.value.error_type == "UnknownTask" and "unknown task 'no.such.task'" in failed.value.message
+    with pytest.raises(TaskFailed, match="InvalidTask"):
+        client.enqueue("t.span", 1, 2, 3, 4).result(timeout=10)
+    out = run_cli("enqueue", "no.such.task", "[1]", "--wait", "--timeout", "10", url=redis_url)
+    assert out.returncode == 1 and "UnknownTask" in out.stderr
+    r.lpush("dispatcher:normal", json.dumps({"task": "t.echo", "id": "own", "result": True, "reply_to": "dispatcher:low"}))
+    with pytest.raises(TaskFailed, match="own keys"):
+        client.handle("own").result(timeout=10)
+    assert r.llen("dispatcher:low") == 0 and r.llen("dispatcher:dead") == 4
+    letter = next(r.hgetall(f"dispatcher:dead:{i.decode()}") for i in r.lrange("dispatcher:dead", 0, -1)
+                  if r.hget(f"dispatcher:dead:{i.decode()}", "task_id") == b"own")
+    assert letter[b"task"] == b"t.echo" and b"own keys" in letter[b"reason"]
+
+
 def test_strict_priority_and_fifo(start, client, r, redis_url):
     for priority in ("low", "normal", "high"):
         for i in range(3):
