@@ -43,6 +43,7 @@ IDLE_WAIT = 30.0      # safety net only: pushes and new schedules wake an idle l
 SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
 BACKOFF_MAX = 2.0     # longest pause between tries while Redis is unreachable
 BROKEN_KEY_REPEAT = 60.0  # seconds between errors while a key the fetch needs has the wrong type
+OUTAGE_REMINDER = 60.0    # seconds between errors while Redis stays unreachable
 # How a task that never started ends: its batch's child was lost with the pool closing, or it
 # was handed back for a high task
 NEVER_RAN = (NotStarted.__name__, YieldedToHighTask.__name__)
@@ -74,6 +75,7 @@ class Counters:
 class _Outage:
     since: float | None = None
     delay: float = 0.05
+    said: float = 0.0  # when it was last logged
 
 
 class Dispatcher:
@@ -128,6 +130,8 @@ class Dispatcher:
             if self.settings.name:
                 self.store.take_over(self.id, info, ttl_ms)
             requeued = self.store.reconcile(self.id, self.settings.slots)
+        except redis.AuthenticationError:  # at the start it is a setting to fix: say so, and exit
+            raise
         except REDIS_DOWN as exc:
             self._redis_down(exc)
             return False
@@ -456,13 +460,22 @@ class Dispatcher:
     # -- Redis outages ---------------------------------------------------------------------------
 
     def _redis_down(self, exc: Exception) -> float:
+        """Said when it starts, then again each OUTAGE_REMINDER seconds: a log read at 3 a.m. must
+        show that it still lasts, not only that it began."""
         outage = self._outage
+        now = time.monotonic()
+        why = (f"it refuses this dispatcher's password, which only a mended password or URL ends: {exc}"
+               if isinstance(exc, redis.AuthenticationError) else str(exc))
         if outage.since is None:
-            outage.since = time.monotonic()
+            outage.since = outage.said = now
             logger.error("Redis unreachable (%s): %d running, %d outcome(s) kept in memory; retrying "
-                         "with backoff up to %.0fs", exc, len(self._running), len(self._pending), BACKOFF_MAX)
+                         "with backoff up to %.0fs", why, len(self._running), len(self._pending), BACKOFF_MAX)
         else:
             outage.delay = min(BACKOFF_MAX, outage.delay * 2)
+            if now - outage.said >= OUTAGE_REMINDER:
+                outage.said = now
+                logger.error("Redis still unreachable after %.0fs (%s): %d running, %d outcome(s) kept "
+                             "in memory", now - outage.since, why, len(self._running), len(self._pending))
         self._needs_reconcile = True
         self._lane.give_up()
         return outage.delay
