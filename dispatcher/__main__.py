@@ -32,9 +32,11 @@ EXAMPLE_TASKS = "dispatcher.example"
 ENV_FLAGS = {"REDIS_URL": "redis_url", "DISPATCHER_PREFIX": "prefix", "DISPATCHER_STATE_DIR": "state_dir",
              "DISPATCHER_LOCAL_URL": "local_url"}
 EXIT_ERROR = 2  # for every error main() reports in one line
-EXIT_CODES = ("exit codes: 0 done; 1 the task failed (enqueue --wait) or an id was not found (dead "
-              "requeue); 2 a flag, URL or argument that cannot work, or Redis unreachable or refusing "
-              "the password, the database or a command; 3 no result within --timeout (enqueue --wait)")
+EXIT_CODES = ("exit codes: 0 done; 1 the task failed (enqueue --wait), a dead letter was not found "
+              "or could not be requeued (dead requeue), or the dispatcher lost its id to another "
+              "process (run); 2 a flag, URL or argument that cannot work, or Redis unreachable or "
+              "refusing the password, the database or a command; 3 no result within --timeout "
+              "(enqueue --wait)")
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
