@@ -29,6 +29,7 @@ from dispatcher.codec import Task, decode
 from dispatcher.errors import BrokenKey, InvalidTask, LostId, UnpackableItems
 from dispatcher.execute import init_child, run
 from dispatcher.heartbeat import Heartbeat, claim_id
+from dispatcher.incidents import BACKOFF_MAX, Incidents
 from dispatcher.registry import Registry, TaskSpec
 from dispatcher.settings import Settings
 from dispatcher.store import REDIS_DOWN, Fetched, Store
@@ -41,9 +42,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT = 30.0      # safety net only: pushes and new schedules wake an idle loop at once
 SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
-BACKOFF_MAX = 2.0     # longest pause between tries while Redis is unreachable
-BROKEN_KEY_REPEAT = 60.0  # seconds between errors while a key the fetch needs has the wrong type
-OUTAGE_REMINDER = 60.0    # seconds between errors while Redis stays unreachable
 # How a task that never started ends: its batch's child was lost with the pool closing, or it
 # was handed back for a high task
 NEVER_RAN = (NotStarted.__name__, YieldedToHighTask.__name__)
@@ -71,13 +69,6 @@ class Counters:
                 f"{self.yielded} handed back for high tasks")
 
 
-@dataclass
-class _Outage:
-    since: float | None = None
-    delay: float = 0.05
-    said: float = 0.0  # when it was last logged
-
-
 class Dispatcher:
     def __init__(self, settings: Settings, client: redis.Redis, store: Store, registry: Registry) -> None:
         self.settings = settings
@@ -94,8 +85,7 @@ class Dispatcher:
         self._wakeup = Wakeup()   # set by pool threads, signals and stop(); the loop sleeps on it
         self._signals = 0              # incremented by the signal handlers, nothing else
         self._signals_acted_on = 0     # how many of them the loop has already acted on
-        self._outage = _Outage()
-        self._broken: tuple[str, float] | None = None  # a BrokenKey: its message, when last said
+        self._incidents = Incidents()
         self._lost: LostId | None = None  # set once another process holds our id: we stop
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
@@ -117,8 +107,8 @@ class Dispatcher:
         while not self._register(info):
             if self._signals:
                 return False
-            self._sleep(self._outage.delay)
-        self._redis_back()
+            self._sleep(self._incidents.delay)
+        self._incidents.redis_back()
         self._start_workers(info)
         return True
 
@@ -202,7 +192,8 @@ class Dispatcher:
             self._park_unpackable(exc)
             timeout = 0
         except BrokenKey as exc:
-            self._broken_key(exc)
+            self._lane.give_up()
+            self._incidents.broken_key(exc)
             timeout = BACKOFF_MAX
         except LostId as exc:
             self._lose_id(exc)
@@ -213,7 +204,7 @@ class Dispatcher:
             self._lane.give_up()  # no fetch takes a high task meanwhile: let the children run
             timeout = BACKOFF_MAX
         else:
-            self._redis_back()
+            self._incidents.redis_back()
         self._sleep(timeout)
 
     def _lose_id(self, exc: LostId) -> None:
@@ -229,16 +220,6 @@ class Dispatcher:
                          self.id, exc, self.settings.heartbeat_ttl, len(self._running), self.id)
         self._signals += 1
         self._wakeup.set()
-
-    def _broken_key(self, exc: BrokenKey) -> None:
-        """Say it at once, then once a minute while it lasts: nothing is fetched until a person
-        mends the key, and this line is how they learn which."""
-        self._lane.give_up()
-        now = time.monotonic()
-        if self._broken is None or self._broken[0] != str(exc) or now - self._broken[1] >= BROKEN_KEY_REPEAT:
-            logger.error("cannot fetch: %s. Nothing was taken; fetching stops until the key is mended "
-                         "(renamed or deleted)", exc)
-            self._broken = (str(exc), now)
 
     def _sleep(self, timeout: float) -> None:
         """Wait for a wake-up (a push, a finished task), a signal, or the timeout."""
@@ -271,9 +252,7 @@ class Dispatcher:
         most = min(free, self.settings.batch)
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
-        if self._broken is not None:
-            logger.warning("fetching again: the key is mended")
-            self._broken = None
+        self._incidents.fetched()
         if isinstance(got, int) and raised:  # no high task left there
             self._lane.give_up()
             if got != -2:
@@ -460,31 +439,9 @@ class Dispatcher:
     # -- Redis outages ---------------------------------------------------------------------------
 
     def _redis_down(self, exc: Exception) -> float:
-        """Said when it starts, then again each OUTAGE_REMINDER seconds: a log read at 3 a.m. must
-        show that it still lasts, not only that it began."""
-        outage = self._outage
-        now = time.monotonic()
-        why = (f"it refuses this dispatcher's password, which only a mended password or URL ends: {exc}"
-               if isinstance(exc, redis.AuthenticationError) else str(exc))
-        if outage.since is None:
-            outage.since = outage.said = now
-            logger.error("Redis unreachable (%s): %d running, %d outcome(s) kept in memory; retrying "
-                         "with backoff up to %.0fs", why, len(self._running), len(self._pending), BACKOFF_MAX)
-        else:
-            outage.delay = min(BACKOFF_MAX, outage.delay * 2)
-            if now - outage.said >= OUTAGE_REMINDER:
-                outage.said = now
-                logger.error("Redis still unreachable after %.0fs (%s): %d running, %d outcome(s) kept "
-                             "in memory", now - outage.since, why, len(self._running), len(self._pending))
         self._needs_reconcile = True
         self._lane.give_up()
-        return outage.delay
-
-    def _redis_back(self) -> None:
-        if self._outage.since is not None:
-            logger.warning("Redis is back after %.1fs; outcomes written, records reconciled",
-                           time.monotonic() - self._outage.since)
-            self._outage = _Outage()
+        return self._incidents.redis_down(exc, len(self._running), len(self._pending))
 
     # -- shutdown --------------------------------------------------------------------------------
 
