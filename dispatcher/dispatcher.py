@@ -87,6 +87,7 @@ class Dispatcher:
         self._signals_acted_on = 0     # how many of them the loop has already acted on
         self._incidents = Incidents()
         self._lost: LostId | None = None  # set once another process holds our id: we stop
+        self._lapsed = False  # our heartbeat lapsed: the next reconcile must not restore entries
         self._needs_reconcile = False
         self._pool: WorkerPool | None = None
         self._warm_up: WarmUp | None = None  # until the children are ready (dispatcher.warmup)
@@ -102,8 +103,8 @@ class Dispatcher:
 
     def start(self) -> bool:
         """Register in Redis (waiting for it if need be), then start workers; False if stopped first."""
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "procs": self.settings.procs,
-                "started": outcomes.iso(time.time())}
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+                "procs": self.settings.procs, "started": outcomes.iso(time.time())}
         while not self._register(info):
             if self._signals:
                 return False
@@ -122,6 +123,10 @@ class Dispatcher:
             requeued = self.store.reconcile(self.id, self.settings.slots)
         except redis.AuthenticationError:  # at the start it is a setting to fix: say so, and exit
             raise
+        except BrokenKey as exc:  # a list its last life's tasks go back to: wait for a person
+            self._incidents.broken_key(exc)
+            self._sleep(BACKOFF_MAX)
+            return False
         except REDIS_DOWN as exc:
             self._redis_down(exc)
             return False
@@ -136,7 +141,8 @@ class Dispatcher:
                                 start_method=self.settings.start_method,
                                 kill_grace=self.settings.kill_grace)
         self._warm_up = WarmUp(self._pool, self.settings.procs, self._wakeup.set)
-        self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl, self._lose_id)
+        self._heartbeat = Heartbeat(self.store, self.id, info, self.settings.heartbeat_ttl, self._lose_id,
+                                    self._heartbeat_lapsed)
         self._heartbeat.beat_once()  # also puts back the tasks of peers that died while we were away
         self._heartbeat.start()
 
@@ -207,6 +213,13 @@ class Dispatcher:
             self._incidents.redis_back()
         self._sleep(timeout)
 
+    def _heartbeat_lapsed(self) -> None:
+        """From the heartbeat thread: we were away past the TTL and took our id back. A peer may
+        have put our tasks back meanwhile: reconcile, without writing their entries again."""
+        self._lapsed = True
+        self._needs_reconcile = True
+        self._wakeup.set()
+
     def _lose_id(self, exc: LostId) -> None:
         """Another process holds our id (from the loop, or the heartbeat thread): stop at once.
         Our running tasks were put back when our heartbeat lapsed and run there, or will; a
@@ -252,7 +265,7 @@ class Dispatcher:
         most = min(free, self.settings.batch)
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
-        self._incidents.fetched()
+        self._incidents.key_ok()
         if isinstance(got, int) and raised:  # no high task left there
             self._lane.give_up()
             if got != -2:
@@ -430,8 +443,14 @@ class Dispatcher:
 
     def _reconcile(self) -> None:
         known = [(slot, r.fetched.queue, r.fetched.element) for slot, r in self._running.items()]
-        requeued = self.store.reconcile(self.id, self.settings.slots, known)
+        lapsed, self._lapsed = self._lapsed, False  # set again meanwhile by the heartbeat: again
         self._needs_reconcile = False
+        try:
+            requeued = self.store.reconcile(self.id, self.settings.slots, known, lapsed=lapsed)
+        except BaseException:
+            self._lapsed = self._lapsed or lapsed
+            self._needs_reconcile = True
+            raise
         if requeued:
             logger.warning("reconciled with Redis: put back %d task(s) this dispatcher no longer holds",
                            requeued)
@@ -475,9 +494,10 @@ class Dispatcher:
             self._pending.append(outcomes.requeue_item(slot))
             self.counters.requeued += 1
             del self._running[slot]
-        self._final_write()
-        if self._heartbeat:
+        if self._heartbeat:  # first: a beat would bring back the heartbeat the final write drops
             self._heartbeat.stop()
+            self._heartbeat.join(timeout=5)
+        self._final_write()
         self._wakeup.close()
         logger.info("dispatcher %s stopped: %s", self.id, self.counters.summary())
 
@@ -508,3 +528,13 @@ def _first(task_value: Any, spec_value: Any, default: Any) -> Any:
     if task_value is not None:
         return task_value
     return spec_value if spec_value is not None else default
+
+
+def _pid_namespace() -> str | None:
+    """Which pids this process sees (Linux): a restart on the same host takes over its dead
+    predecessor's id only if it sees the same pids, so containers that share a host name never
+    take each other's."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None

@@ -11,7 +11,8 @@ import threading
 from typing import Any, Callable
 
 from dispatcher.local import pid_alive
-from dispatcher.errors import LostId
+from dispatcher.errors import BrokenKey, LostId
+from dispatcher.incidents import Incidents
 from dispatcher.store import REDIS_DOWN, Store
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,12 @@ def claim_id(store: Store, host: str, info: dict[str, Any], ttl_ms: int,
             return candidate
         old = store.heartbeat_info(candidate)
         pid = int((old or {}).get("pid", 0))
-        if old and old.get("host") == host and (pid == info.get("pid") or not alive(pid)):
+        # Same host name and same pid namespace: containers sharing a host name do not share pids
+        if (old and old.get("host") == host and old.get("pidns") == info.get("pidns")
+                and (pid == info.get("pid") or not alive(pid))
+                and store.take_over(candidate, info, ttl_ms, expected=old)):
             logger.info("dispatcher id %s belonged to pid %s, which is gone: taking it over",
                         candidate, old.get("pid"))
-            store.take_over(candidate, info, ttl_ms)
             return candidate
     raise RuntimeError(f"no free dispatcher id on host {host}")
 
@@ -42,11 +45,13 @@ class Heartbeat(threading.Thread):
     """Renews our heartbeat every ttl/3 and puts back the tasks of peers whose heartbeat expired.
 
     A beat that finds another process's heartbeat under our id (we were away longer than the
-    TTL, and it claimed the id) calls ``on_lost`` and stops: the dispatcher must stop too.
+    TTL, and it claimed the id) calls ``on_lost`` and stops: the dispatcher must stop too. One
+    that finds no heartbeat at all (away past the TTL, id unclaimed) takes it back and calls
+    ``on_lapsed``.
     """
 
     def __init__(self, store: Store, dispatcher_id: str, info: dict[str, Any], ttl: float,
-                 on_lost: Callable[[LostId], None]) -> None:
+                 on_lost: Callable[[LostId], None], on_lapsed: Callable[[], None]) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self.store = store
         self.dispatcher_id = dispatcher_id
@@ -55,7 +60,9 @@ class Heartbeat(threading.Thread):
         self.interval = ttl / 3
         self.stopped = threading.Event()
         self._on_lost = on_lost
+        self._on_lapsed = on_lapsed
         self._down = False
+        self._incidents = Incidents()  # a peer's task that cannot go back: its list's type
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -67,6 +74,7 @@ class Heartbeat(threading.Thread):
                 logger.warning("heartbeat of %s had lapsed (Redis was unreachable, or this process "
                                "was paused, for over %.0fs): a peer may have put its running tasks "
                                "back, and they may run twice", self.dispatcher_id, self.ttl_ms / 1000)
+                self._on_lapsed()
             self.recover_peers()
         except LostId as exc:
             self.stopped.set()
@@ -86,7 +94,12 @@ class Heartbeat(threading.Thread):
         for peer in self.store.dispatcher_ids():
             if peer == self.dispatcher_id or self.store.heartbeat_info(peer) is not None:
                 continue
-            requeued = self.store.recover_peer(peer)
+            try:
+                requeued = self.store.recover_peer(peer)
+            except BrokenKey as exc:
+                self._incidents.broken_key(exc)
+                continue
+            self._incidents.key_ok()
             if requeued >= 0:
                 logger.warning("dispatcher %s stopped beating: put %d of its tasks back at the head "
                                "of their lists", peer, requeued)

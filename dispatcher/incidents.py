@@ -57,15 +57,15 @@ class Incidents:
             self._delay = BACKOFF_FIRST
 
     def broken_key(self, exc: BrokenKey) -> None:
-        """Nothing is fetched until a person mends the key: this line is how they learn which."""
+        """Nothing goes on until a person mends the key: this line is how they learn which."""
         now = time.monotonic()
         if self._broken is None or self._broken[0] != str(exc) or now - self._broken[1] >= REMINDER:
-            logger.error("cannot fetch: %s. Nothing was taken; fetching stops until the key is mended "
-                         "(renamed or deleted)", exc)
+            logger.error("cannot go on: %s. Nothing was taken or written; waiting until the key is "
+                         "mended (renamed or deleted)", exc)
             self._broken = (str(exc), now)
 
-    def fetched(self) -> None:
-        """A fetch went through."""
+    def key_ok(self) -> None:
+        """The call that met a broken key went through."""
         if self._broken is not None:
-            logger.warning("fetching again: the key is mended")
+            logger.warning("going on: the key is mended")
             self._broken = None

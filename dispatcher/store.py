@@ -147,12 +147,12 @@ class Store:
             commands.insert(0, _evalsha(self._finish, self._finish_keys(dispatcher_id), _pack(items),
                                         self.instance))
         replies = self._hot_path.call(commands) if commands else []
+        if items and not isinstance(replies[0], Exception):
+            _finished(replies[0], items)  # its warnings, even if the fetch failed
         for reply in replies:
             if not isinstance(reply, redis.exceptions.NoScriptError):
                 _raise_if_error(reply)
-        if items and not isinstance(replies[0], Exception):
-            _finished(replies[0], items)
-        elif items:
+        if items and isinstance(replies[0], Exception):
             self.finish(dispatcher_id, items)  # the Script object loads the source on NOSCRIPT
             if most and isinstance(replies[-1], list) and len(replies[-1]) == 1:
                 # It took nothing, maybe for want of the tokens this finish gives back: a fresh
@@ -189,17 +189,17 @@ class Store:
         return _finished(_run(self._finish, self._finish_keys(dispatcher_id), [_pack(items), self.instance]), items)
 
     def reconcile(self, dispatcher_id: str, slots: int,
-                  known: Iterable[tuple[int, str, bytes]] = ()) -> int:
-        """Make our in-flight record and tokens match what we hold; returns tasks put back."""
-        args: list[Any] = ["self", dispatcher_id, slots, self.instance]
+                  known: Iterable[tuple[int, str, bytes]] = (), lapsed: bool = False) -> int:
+        """Make our in-flight record and tokens match what we hold; returns tasks put back.
+        ``lapsed``: our heartbeat lapsed since the last one (see reconcile.lua's "rejoin")."""
+        args: list[Any] = ["rejoin" if lapsed else "self", dispatcher_id, slots, self.instance]
         for slot, queue, element in known:
             args += [slot, queue, element]
         return int(_run(self._reconcile, self._record_keys(dispatcher_id), args))
 
     def recover_peer(self, dispatcher_id: str) -> int:
         """Put a dead peer's tasks back; -1 if it turned out to be alive."""
-        return int(self._reconcile(keys=self._record_keys(dispatcher_id),
-                                   args=["peer", dispatcher_id, 0]))
+        return int(_run(self._reconcile, self._record_keys(dispatcher_id), ["peer", dispatcher_id, 0]))
 
     def _record_keys(self, dispatcher_id: str) -> list[str]:
         return [self.keys.inflight(dispatcher_id), self.keys.tokens(dispatcher_id),
@@ -214,13 +214,26 @@ class Store:
         pipe.sadd(self.keys.dispatchers, dispatcher_id)
         return bool(pipe.execute()[0])
 
-    def take_over(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> None:
-        """Take an id whatever holds it: its holder is known to be gone, or it was named on the
-        command line (a process that still held it stops at its next write: LostId)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.heartbeat(dispatcher_id), self._heartbeat(info), px=ttl_ms)
-        pipe.sadd(self.keys.dispatchers, dispatcher_id)
-        pipe.execute()
+    def take_over(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int,
+                  expected: dict[str, Any] | None = None) -> bool:
+        """Take an id from a holder known to be gone (``expected``: its heartbeat as read; False
+        if it changed meanwhile: two restarts racing for it), or whatever holds it (an id named
+        on the command line: a process that still held it stops at its next write, LostId)."""
+        key = self.keys.heartbeat(dispatcher_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            if expected is not None:
+                pipe.watch(key)
+                raw = pipe.get(key)
+                if raw is None or json.loads(raw) != expected:
+                    return False
+                pipe.multi()
+            pipe.set(key, self._heartbeat(info), px=ttl_ms)
+            pipe.sadd(self.keys.dispatchers, dispatcher_id)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
 
     def beat(self, dispatcher_id: str, info: dict[str, Any], ttl_ms: int) -> bool:
         """Renew our heartbeat; False if it had lapsed (taken again). LostId if another process holds the id."""
@@ -245,16 +258,18 @@ class Store:
         """
         key = self.keys.heartbeat(dispatcher_id)
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.watch(key)  # if another process takes the id meanwhile, its heartbeat stays
-            owner = pipe.get(key)
-            if owner is not None and self.instance.encode() not in owner:
-                raise LostId(owner.decode(errors="replace"))
-            pipe.multi()
-            pipe.delete(key)
-            try:
-                pipe.execute()
-            except redis.WatchError:
-                raise LostId("(taken while this one was stopping)") from None
+            while True:
+                pipe.watch(key)  # if another process takes the id meanwhile, its heartbeat stays
+                owner = pipe.get(key)
+                if owner is not None and self.instance.encode() not in owner:
+                    raise LostId(owner.decode(errors="replace"))
+                pipe.multi()
+                pipe.delete(key)
+                try:
+                    pipe.execute()
+                    break
+                except redis.WatchError:  # it changed: look at who holds it now
+                    continue
         return max(0, self.recover_peer(dispatcher_id))
 
     # -- status and dead letters ----------------------------------------------------------------
@@ -400,7 +415,10 @@ def _pack(items: list[dict[str, Any]]) -> bytes:
     try:
         return msgpack.packb(items, use_bin_type=False)
     except (ValueError, TypeError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-        raise UnpackableItems([i for i, item in enumerate(items) if not _packs(item)], repr(exc)) from exc
+        bad = [i for i, item in enumerate(items) if not _packs(item)]
+        if not bad:  # the batch as a whole: no item to park, so the loop's error path (a pause)
+            raise
+        raise UnpackableItems(bad, repr(exc)) from exc
 
 
 def _packs(item: dict[str, Any]) -> bool:

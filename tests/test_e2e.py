@@ -121,12 +121,12 @@ def test_a_key_of_another_type_stops_fetching_loses_nothing_and_is_named(start, 
     proc = start("--procs", "1")
     r.set("dispatcher:normal", "oops")
     handle = client.enqueue("t.echo", 1, priority="high")
-    wait_for(lambda: "cannot fetch: dispatcher:normal holds a string, not a list" in proc.log, 10,
+    wait_for(lambda: "cannot go on: dispatcher:normal holds a string, not a list" in proc.log, 10,
              what="the error naming the key")
     assert r.llen("dispatcher:high") == 1                          # not taken, so not lost
     r.delete("dispatcher:normal")
     assert handle.result(timeout=20)["args"] == [1]
-    assert "fetching again" in proc.log and "loop error" not in proc.log
+    assert "going on: the key is mended" in proc.log and "loop error" not in proc.log
 
 
 def test_an_outcome_that_cannot_be_written_is_parked_and_the_loop_goes_on(start, client, r):

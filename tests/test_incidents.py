@@ -39,14 +39,14 @@ def test_a_broken_key_is_said_once_a_minute_and_when_it_is_mended(said, monkeypa
     now = [100.0]
     monkeypatch.setattr(incidents.time, "monotonic", lambda: now[0])
     trouble = Incidents()
-    trouble.fetched()
+    trouble.key_ok()
     for _ in range(3):
         trouble.broken_key(BrokenKey("p:normal holds a string, not a list"))
     trouble.broken_key(BrokenKey("p:low holds a hash, not a list"))   # another key: said at once
     now[0] += incidents.REMINDER
     trouble.broken_key(BrokenKey("p:low holds a hash, not a list"))
-    trouble.fetched()
-    trouble.fetched()
+    trouble.key_ok()
+    trouble.key_ok()
     assert [line.split(".")[0] for _, line in said()] == [
-        "cannot fetch: p:normal holds a string, not a list", "cannot fetch: p:low holds a hash, not a list",
-        "cannot fetch: p:low holds a hash, not a list", "fetching again: the key is mended"]
+        "cannot go on: p:normal holds a string, not a list", "cannot go on: p:low holds a hash, not a list",
+        "cannot go on: p:low holds a hash, not a list", "going on: the key is mended"]

@@ -1,6 +1,7 @@
 """The server-side scripts, checked at the data level against a real server."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -118,9 +119,8 @@ def test_batches_beyond_luas_unpack_limit_are_taken_and_finished_whole(r):
     assert r.llen("t:normal") == 0 and r.llen("t:low") == 500
 
 
-def test_a_finish_that_fails_midway_is_not_written_twice_by_its_retry(r):
-    """Redis keeps a script's writes made before an error: each lease goes before its writes.
-    (The dead-letter list made a string by hand stands for any write that fails.)"""
+def test_a_finish_that_meets_a_key_of_another_type_writes_nothing(r):
+    """Redis keeps a script's writes made before an error: the keys are checked first."""
     store = make_store(r)
     store.reconcile("d1", 3)
     store.push("normal", [b"a", b"b", b"c"])
@@ -132,9 +132,13 @@ def test_a_finish_that_fails_midway_is_not_written_twice_by_its_retry(r):
         {"slot": c.slot, "action": "dead", "dead_id": "x", "dead_list": "not-a-list", "dead_key": "t:dead:x",
          "fields": {"reason": "r"}, "result_key": "", "reply_to": "", "reply": b"", "ttl": 50},
     ]
-    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+    with pytest.raises(BrokenKey, match="^not-a-list holds a string, not a list"):
         store.finish("d1", items)
-    assert store.finish("d1", items) == 0            # the retry finds no lease: nothing written again
+    assert not r.exists("t:result:b") and r.llen(KEYS.tokens("d1")) == 0
+    assert r.hlen(KEYS.inflight("d1")) == 6                        # every lease still there
+    r.delete("not-a-list")
+    assert store.finish("d1", items) == 3
+    assert store.finish("d1", items) == 0            # a retry finds no lease: nothing written again
     assert r.lrange("t:result:b", 0, -1) == [b"B"]
     assert r.llen(KEYS.tokens("d1")) == 3 and r.hlen(KEYS.inflight("d1")) == 0
 
@@ -235,6 +239,77 @@ def test_a_lapsed_heartbeat_nobody_claimed_is_taken_again(r):
     assert store.beat("d1", {"pid": 1}, 60_000) is True
 
 
+def test_putting_back_a_dead_peers_tasks_checks_every_list_first(r):
+    """A failed RPUSH halfway left the tasks pushed before it on their lists and in flight too:
+    each recovery pushed them again."""
+    store = make_store(r)
+    store.reconcile("d1", 2)
+    store.push("high", [b"h"])
+    store.push("low", [b"l"])
+    store.fetch("d1", 2)
+    r.set("t:low", "oops")
+    for _ in range(3):
+        with pytest.raises(BrokenKey, match="^t:low holds a string, not a list"):
+            store.recover_peer("d1")
+    assert r.llen("t:high") == 0 and r.hlen(KEYS.inflight("d1")) == 4   # nothing written
+    r.delete("t:low")
+    assert store.recover_peer("d1") == 2 and r.lrange("t:high", 0, -1) == [b"h"]
+
+
+@pytest.mark.parametrize("action", ["retry", "dead", "requeue"])
+def test_an_outcome_whose_target_has_another_type_is_not_written_nor_its_lease_dropped(r, action):
+    """Written after the lease is dropped, a failed write lost the task."""
+    store = make_store(r)
+    store.reconcile("d1", 1)
+    store.push("normal", [b"a"])
+    [a] = store.fetch("d1", 1)
+    item = {"retry": {"slot": a.slot, "action": "retry", "due": 0, "schedule_key": "t:schedule:normal",
+                      "payload": b"a2"},
+            "dead": {"slot": a.slot, "action": "dead", "dead_id": "x", "dead_list": KEYS.dead,
+                     "dead_key": KEYS.dead_entry("x"), "fields": {"reason": "r"}, "result_key": "",
+                     "reply_to": "", "reply": b"", "ttl": 5},
+            "requeue": {"slot": a.slot, "action": "requeue"}}[action]
+    target = {"retry": "t:schedule:normal", "dead": KEYS.dead, "requeue": "t:normal"}[action]
+    r.delete(target)
+    r.set(target, "oops")
+    with pytest.raises(BrokenKey, match=f"^{target} holds a string"):
+        store.finish_and_fetch("d1", [item], 0)
+    assert r.hlen(KEYS.inflight("d1")) == 2 and r.llen(KEYS.tokens("d1")) == 0
+    r.delete(target)
+    assert store.finish("d1", [item]) == 1
+
+
+def test_after_a_lapse_only_the_entries_still_there_are_kept(r):
+    """A peer may have put back what a lapsed dispatcher ran: writing those entries again would
+    put them back a second time at the next recovery."""
+    store = make_store(r)
+    assert store.claim("d1", {"pid": 1}, 60_000)
+    store.reconcile("d1", 3)
+    store.push("normal", [b"a", b"b"])
+    a, b = store.fetch("d1", 2)
+    known = [(f.slot, f.queue, f.element) for f in (a, b)]
+    r.hdel(KEYS.inflight("d1"), str(b.slot), f"{b.slot}:q")        # b put back by a peer
+    assert store.reconcile("d1", 3, known, lapsed=True) == 0
+    assert r.hgetall(KEYS.inflight("d1")) == {str(a.slot).encode(): b"a", f"{a.slot}:q".encode(): b"t:normal"}
+    assert r.llen(KEYS.tokens("d1")) == 1                            # b's slot stays busy: it runs
+    r.delete(KEYS.heartbeat("d1"))                                   # no heartbeat: the same
+    r.hdel(KEYS.inflight("d1"), str(a.slot), f"{a.slot}:q")
+    store.reconcile("d1", 3, known)
+    assert r.hlen(KEYS.inflight("d1")) == 0
+    store.claim("d1", {"pid": 1}, 60_000)
+    store.reconcile("d1", 3, known)                                  # not lapsed: restored
+    assert r.hlen(KEYS.inflight("d1")) == 4
+
+
+def test_taking_over_a_dead_holders_id_fails_if_another_took_it_first(r):
+    first, second, third = make_store(r), make_store(r), make_store(r)
+    assert first.claim("d1", {"pid": 1}, 60_000)
+    seen = json.loads(r.get(KEYS.heartbeat("d1")))
+    assert second.take_over("d1", {"pid": 2}, 60_000, expected=seen)
+    assert not third.take_over("d1", {"pid": 3}, 60_000, expected=seen)
+    assert json.loads(r.get(KEYS.heartbeat("d1")))["pid"] == 2
+
+
 def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r):
     store = make_store(r)
     store.reconcile("d1", 2)
@@ -258,6 +333,7 @@ def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r)
 
 def test_reconcile_puts_back_what_we_do_not_hold_and_restores_what_we_do(r):
     store = make_store(r)
+    store.claim("d1", {"pid": 1}, 60_000)                        # a live heartbeat: not a lapse
     store.reconcile("d1", 3)
     store.push("normal", [b"a", b"b", b"c"])
     a, b, c = store.fetch("d1", 3)

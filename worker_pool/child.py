@@ -98,6 +98,9 @@ def _die_with_owner(owner: int) -> None:
 
 
 def _watch_owner(owner: int, fd: int | None) -> None:
+    # Signals are for the main thread: one this thread took (the soft time limit's SIGALRM)
+    # would not interrupt the job's blocking call, so the limit would fire late
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     if fd is not None:
         select.select([fd], [], [])  # readable once the owner has ended
     else:
@@ -111,8 +114,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's: the pid was reused, so the owner is gone
-        return False
+    except PermissionError:  # there, as another user: the child may have dropped privileges
+        return True
     return True
 
 

@@ -19,7 +19,7 @@ ARGV[2]     how many of the lists to take from, highest first: 1 takes high task
 ARGV[3]     this process's instance (in its heartbeat): if another process holds the id now,
             answer "LOSTID <its heartbeat>" and write nothing (dispatcher.heartbeat)
 
-Returns an error "BADKEY <key> holds a <type>, ..." and writes nothing if one of KEYS[1..5] has
+Returns an error "BADKEY <key> holds a <type>, ..." and writes nothing if one of KEYS[1..8] has
 the wrong type. Otherwise {slot, list index (1..3), element, ...} when it took tasks, or a single number:
 milliseconds until the next scheduled task is due, -1 if nothing is scheduled, or -2 if this
 dispatcher has no free token (its local count disagrees with Redis: it must reconcile).
@@ -32,8 +32,8 @@ end
 -- A key of another type (a SET by hand on a queue's name, say) would fail a write halfway:
 -- Redis keeps the writes a script made before an error, so tasks already popped, or moved off
 -- their schedule, would be lost. Check first, write nothing, and say which key.
-local kinds = {'list', 'hash', 'list', 'list', 'list'}
-for i = 1, 5 do
+local kinds = {'list', 'hash', 'list', 'list', 'list', 'zset', 'zset', 'zset'}
+for i = 1, 8 do
   local kind = redis.call('TYPE', KEYS[i]).ok
   if kind ~= kinds[i] and kind ~= 'none' then
     return redis.error_reply('BADKEY ' .. KEYS[i] .. ' holds a ' .. kind .. ', not a ' .. kinds[i])

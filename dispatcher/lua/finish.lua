@@ -68,6 +68,29 @@ if owner and not string.find(owner, ARGV[2], 1, true) then
 end
 
 local items = cmsgpack.unpack(ARGV[1])
+
+-- The keys an outcome is written to after its lease is dropped (release()) must hold the
+-- right type, or the task is lost: check them all before anything is written.
+local function check(key, want)
+  local kind = redis.call('TYPE', key).ok
+  if kind ~= want and kind ~= 'none' then
+    return 'BADKEY ' .. key .. ' holds a ' .. kind .. ', not a ' .. want
+  end
+end
+for _, item in ipairs(items) do
+  local bad
+  if item.action == 'retry' then
+    bad = check(item.schedule_key, 'zset') or check(KEYS[3], 'list')
+  elseif item.action == 'dead' then
+    bad = check(item.dead_list, 'list') or check(item.dead_key, 'hash')
+  elseif item.action == 'requeue' then
+    local source = redis.call('HGET', KEYS[1], tostring(item.slot) .. ':q')
+    bad = source and check(source, 'list')
+  end
+  if bad then
+    return redis.error_reply(bad)
+  end
+end
 local applied = 0
 local seen = {}
 for _, item in ipairs(items) do
