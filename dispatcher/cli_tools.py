@@ -41,7 +41,8 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
                          help="most entries shown, 1 or more (default 100)")
     listing.set_defaults(handler=cmd_dead_list)
     requeue = dead_sub.add_parser("requeue", help="put dead letters back on their lists")
-    requeue.add_argument("ids", nargs="*", metavar="ID")
+    requeue.add_argument("ids", nargs="*", metavar="ID",
+                         help="a dead-letter id (from `dead list`), or a task id: its dead letters")
     requeue.add_argument("--all", action="store_true", help="every dead letter")
     requeue.add_argument("--json", action="store_true", help="print JSON")
     requeue.set_defaults(handler=cmd_dead_requeue)
@@ -172,8 +173,18 @@ def cmd_dead_requeue(args: argparse.Namespace) -> int:
     ids = ([d.raw_id for d in store.dead_letters()] if args.all
            else [i.encode("utf-8", "surrogateescape") for i in args.ids])
     done, missing, failed = [], [], {}
+    by_task: dict[bytes, list[bytes]] | None = None
     for raw_id in ids:
         outcome = store.requeue_dead(raw_id)
+        if outcome == NOT_FOUND and not args.all:  # maybe a task id: the one a person has at hand
+            if by_task is None:
+                by_task = {}
+                for letter in store.dead_letters():
+                    by_task.setdefault(letter.fields.get("task_id", b""), []).append(letter.raw_id)
+            for letter_id in by_task.pop(raw_id, []):
+                outcome = store.requeue_dead(letter_id)
+                if outcome != REQUEUED:
+                    break
         if outcome == REQUEUED:
             done.append(_shown(raw_id))
         elif outcome == NOT_FOUND:

@@ -113,3 +113,15 @@ def test_dead_list_limit_must_be_one_or_more(r, redis_url):
         assert refused.returncode == 2 and "--limit: must be a whole number, 1 or more" in refused.stderr
     shown = json.loads(run_cli("dead", "list", "--json", "--limit", "2", url=redis_url, check=True).stdout)
     assert [d["id"] for d in shown] == ["c", "b"]
+
+
+def test_requeue_takes_a_task_id_too(r, redis_url):
+    """The id a person has at hand at 3 a.m. is the task's, from their own logs: it used to say
+    "not found"."""
+    add_letter(r, "letter-1")
+    r.hset(KEYS.dead_entry("letter-1"), "task_id", "task-42")
+    out = run_cli("dead", "requeue", "task-42", "--json", url=redis_url)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"requeued": ["task-42"], "not_found": []}
+    assert r.lrange("dispatcher:normal", 0, -1) == [b'{"task": "t.echo"}'] and r.llen(KEYS.dead) == 0
+    out = run_cli("dead", "requeue", "task-42", url=redis_url)
+    assert out.returncode == 1 and "not found: task-42" in out.stdout
