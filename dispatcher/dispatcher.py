@@ -517,8 +517,10 @@ class Dispatcher:
                 return
             except REDIS_DOWN as exc:
                 if time.monotonic() > deadline:
-                    logger.error("could not write %d outcome(s) before exit (%s); the next start of "
-                                 "%s puts its tasks back", len(self._pending), exc, self.id)
+                    what = (f"write {len(self._pending)} outcome(s)" if self._pending
+                            else f"clear the record of {self.id}")
+                    logger.error("could not %s before exit (%s); the next start of %s, or a peer once "
+                                 "its heartbeat expires, puts back what it held", what, exc, self.id)
                     return
                 time.sleep(0.2)
 
