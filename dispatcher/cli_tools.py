@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable
 
 from dispatcher.client import Client
-from dispatcher.codec import JSON, Task, new_task_id
+from dispatcher.codec import JSON, Task, decode_value, new_task_id
 from dispatcher.errors import ConfigError, ResultTimeout, TaskFailed
 from dispatcher.keys import PRIORITIES, Keys
 from dispatcher.server import running_server_url
@@ -31,6 +31,8 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
 
     status = sub.add_parser("status", help="queue lengths, dispatchers, in-flight tasks, dead letters")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--in-flight", action="store_true",
+                        help="also list each dispatcher's tasks in flight: slot, list, task and id")
     status.set_defaults(handler=cmd_status)
 
     dead = sub.add_parser("dead", help="inspect and act on dead letters")
@@ -106,7 +108,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _store(args).status()
+    store = _store(args)
+    status = store.status()
+    if args.in_flight:
+        for did, d in status["dispatchers"].items():
+            d["tasks"] = [{"slot": slot, "queue": queue, **_task_of(element)}
+                          for slot, queue, element in store.in_flight(did)]
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -121,7 +128,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = "alive" if d["alive"] else "DEAD (tasks are put back by the next live dispatcher)"
         print(f"dispatcher {did}: {state}; in flight {d['in_flight']}, free tokens {d['free_tokens']}"
               f"{'; procs %s, pid %s, since %s' % (info.get('procs'), info.get('pid'), info.get('started')) if info else ''}")
+        for task in d.get("tasks", ()):
+            print(f"  slot {task['slot']}: {task['task']} {task['id']} (from {task['queue']})")
     return 0
+
+
+def _task_of(element: bytes) -> dict[str, str]:
+    """Its name and id, as far as the element says (an element that is not a task is shown as such)."""
+    try:
+        fields = decode_value(element)
+    except Exception:  # noqa: BLE001 -- whatever it is, status must show the rest
+        fields = None
+    if not isinstance(fields, dict):
+        return {"task": "<not a task>", "id": "-"}
+    return {"task": str(fields.get("task", "?")), "id": str(fields.get("id") or "-")}
 
 
 def _printable(fields: dict[str, bytes]) -> dict[str, Any]:

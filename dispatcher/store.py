@@ -297,6 +297,16 @@ class Store:
         return {"queues": queues, "scheduled": scheduled,
                 "dead": replies[2 * len(PRIORITIES)], "dispatchers": dispatchers}
 
+    def in_flight(self, dispatcher_id: str) -> list[tuple[int, str, bytes]]:
+        """What one dispatcher holds, as Redis records it: (slot, source list, element), by slot."""
+        record = self.client.hgetall(self.keys.inflight(dispatcher_id))
+        held = []
+        for field, element in record.items():
+            if not field.endswith(b":q") and field.isdigit():
+                source = record.get(field + b":q", b"?").decode("utf-8", "backslashreplace")
+                held.append((int(field), source, element))
+        return sorted(held)
+
     def dead_letters(self, start: int = 0, stop: int = -1) -> list[DeadLetter]:
         ids = self.client.lrange(self.keys.dead, start, stop)
         pipe = self.client.pipeline(transaction=False)

@@ -330,6 +330,20 @@ def test_status_json(start, client, r, redis_url):
     assert "high" in text and f"dispatcher {did}: alive" in text
 
 
+def test_status_lists_the_tasks_in_flight(start, client, r, redis_url):
+    """Which task is it that hangs? The id a person can look for in their own logs."""
+    start("--procs", "2")
+    handle = client.enqueue("t.span", 4)
+    wait_for(lambda: r.hlen(f"dispatcher:dispatcher:{r.smembers('dispatcher:dispatchers').pop().decode()}"
+                            ":inflight") == 2, 10, what="the task taken")
+    status = json.loads(run_cli("status", "--json", "--in-flight", url=redis_url, check=True).stdout)
+    [d] = status["dispatchers"].values()
+    assert d["tasks"] == [{"slot": d["tasks"][0]["slot"], "queue": "dispatcher:normal", "task": "t.span",
+                           "id": handle.id}]
+    text = run_cli("status", "--in-flight", url=redis_url, check=True).stdout
+    assert f": t.span {handle.id} (from dispatcher:normal)" in text
+
+
 def test_help_documents_every_flag():
     out = run_cli("--help", check=True).stdout
     for flag in ("--procs", "--tasks", "--redis-url", "--prefix", "--grace", "--result-ttl", "--max-size",
