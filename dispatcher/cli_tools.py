@@ -113,24 +113,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.in_flight:
         for did, d in status["dispatchers"].items():
             d["tasks"] = [{"slot": slot, "queue": queue, **_task_of(element)}
-                          for slot, queue, element in store.in_flight(did)]
+                          for slot, queue, element in store.in_flight(did)] if d["in_flight"] is not None else []
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     print(f"{'queue':<10}{'waiting':>10}{'scheduled':>11}")
     for priority in PRIORITIES:
-        print(f"{priority:<10}{status['queues'][priority]:>10}{status['scheduled'][priority]:>11}")
-    print(f"dead letters: {status['dead']}")
+        print(f"{priority:<10}{_count(status['queues'][priority]):>10}{_count(status['scheduled'][priority]):>11}")
+    print(f"dead letters: {_count(status['dead'])}")
+    for key, kind in status["broken"].items():
+        print(f"BROKEN: {key} holds a {kind}, set by hand? Dispatchers wait until it is renamed or deleted")
     if not status["dispatchers"]:
         print("dispatchers: none")
     for did, d in status["dispatchers"].items():
         info = d["info"] or {}
         state = "alive" if d["alive"] else "DEAD (tasks are put back by the next live dispatcher)"
-        print(f"dispatcher {did}: {state}; in flight {d['in_flight']}, free tokens {d['free_tokens']}"
+        print(f"dispatcher {did}: {state}; in flight {_count(d['in_flight'])}, free tokens {_count(d['free_tokens'])}"
               f"{'; procs %s, pid %s, since %s' % (info.get('procs'), info.get('pid'), info.get('started')) if info else ''}")
         for task in d.get("tasks", ()):
             print(f"  slot {task['slot']}: {task['task']} {task['id']} (from {task['queue']})")
     return 0
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)  # None: the key holds another type (see BROKEN)
 
 
 def _task_of(element: bytes) -> dict[str, str]:

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT = 30.0      # safety net only: pushes and new schedules wake an idle loop at once
 SIGNAL_CHECK = 0.25   # signal handlers only set a flag; the loop looks at least this often
+LAPSED = -3           # fetch.lua: our heartbeat is missing
 # How a task that never started ends: its batch's child was lost with the pool closing, or it
 # was handed back for a high task
 NEVER_RAN = (NotStarted.__name__, YieldedToHighTask.__name__)
@@ -266,6 +267,8 @@ class Dispatcher:
         got = self.store.finish_and_fetch(self.id, self._pending, most, lists=1 if raised else 3)
         self._pending = []
         self._incidents.key_ok()
+        if got == LAPSED:  # our heartbeat is missing: take it back (or learn that it is lost)
+            return 0 if self._heartbeat.beat_once() else SIGNAL_CHECK
         if isinstance(got, int) and raised:  # no high task left there
             self._lane.give_up()
             if got != -2:
@@ -476,8 +479,8 @@ class Dispatcher:
             if self._heartbeat:
                 self._heartbeat.stop()
             self._wakeup.close()
-            logger.error("dispatcher %s stopped: it lost its id; %d running task(s) stopped unrecorded",
-                         self.id, len(self._running))
+            logger.warning("dispatcher %s stopped: it lost its id; %d running task(s) stopped unrecorded",
+                           self.id, len(self._running))
             return
         self._pool.close()
         deadline = time.monotonic() + self.settings.grace

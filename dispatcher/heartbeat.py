@@ -68,7 +68,9 @@ class Heartbeat(threading.Thread):
         while not self.stopped.wait(self.interval):
             self.beat_once()
 
-    def beat_once(self) -> None:
+    def beat_once(self) -> bool:
+        """One beat, then the peers' recovery; True if both went through. Also called by the
+        loop, whose fetch found our heartbeat missing: it fetches again once it is back."""
         try:
             if not self.store.beat(self.dispatcher_id, self.info, self.ttl_ms):
                 logger.warning("heartbeat of %s had lapsed (Redis was unreachable, or this process "
@@ -79,16 +81,17 @@ class Heartbeat(threading.Thread):
         except LostId as exc:
             self.stopped.set()
             self._on_lost(exc)
-            return
+            return False
         except REDIS_DOWN as exc:
             if not self._down:
                 logger.warning("heartbeat: Redis unreachable (%s); will keep trying", exc)
             self._down = True
-            return
+            return False
         except Exception:
             logger.exception("heartbeat failed; will try again")
-            return
+            return False
         self._down = False
+        return True
 
     def recover_peers(self) -> None:
         for peer in self.store.dispatcher_ids():

@@ -275,17 +275,26 @@ class Store:
     # -- status and dead letters ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """Counts for the status command. A key of another type (set by hand) counts as None and
+        is named under "broken": that is when a person looks here."""
         ids = self.dispatcher_ids()
+        asked: list[str] = []
         pipe = self.client.pipeline(transaction=False)
         for priority in PRIORITIES:
-            pipe.llen(self.keys.queue(priority))
-            pipe.zcard(self.keys.schedule(priority))
+            asked += [self.keys.queue(priority), self.keys.schedule(priority)]
+            pipe.llen(asked[-2])
+            pipe.zcard(asked[-1])
+        asked.append(self.keys.dead)
         pipe.llen(self.keys.dead)
         for did in ids:
-            pipe.get(self.keys.heartbeat(did))
-            pipe.hlen(self.keys.inflight(did))
-            pipe.llen(self.keys.tokens(did))
-        replies = pipe.execute()
+            asked += [self.keys.heartbeat(did), self.keys.inflight(did), self.keys.tokens(did)]
+            pipe.get(asked[-3])
+            pipe.hlen(asked[-2])
+            pipe.llen(asked[-1])
+        replies = pipe.execute(raise_on_error=False)
+        broken = {key: self.client.type(key).decode() for key, reply in zip(asked, replies)
+                  if isinstance(reply, redis.ResponseError)}
+        replies = [None if isinstance(reply, redis.ResponseError) else reply for reply in replies]
         queues = {p: replies[2 * i] for i, p in enumerate(PRIORITIES)}
         scheduled = {p: replies[2 * i + 1] for i, p in enumerate(PRIORITIES)}
         rest = replies[2 * len(PRIORITIES) + 1:]
@@ -293,9 +302,9 @@ class Store:
         for i, did in enumerate(ids):
             beat, inflight, tokens = rest[3 * i: 3 * i + 3]
             dispatchers[did] = {"alive": beat is not None, "info": json.loads(beat) if beat else None,
-                                "in_flight": inflight // 2, "free_tokens": tokens}
-        return {"queues": queues, "scheduled": scheduled,
-                "dead": replies[2 * len(PRIORITIES)], "dispatchers": dispatchers}
+                                "in_flight": None if inflight is None else inflight // 2, "free_tokens": tokens}
+        return {"queues": queues, "scheduled": scheduled, "dead": replies[2 * len(PRIORITIES)],
+                "dispatchers": dispatchers, "broken": broken}
 
     def in_flight(self, dispatcher_id: str) -> list[tuple[int, str, bytes]]:
         """What one dispatcher holds, as Redis records it: (slot, source list, element), by slot."""

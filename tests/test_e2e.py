@@ -117,7 +117,7 @@ def test_a_reply_to_naming_a_queue_or_the_dead_letters_is_refused(start, client,
     assert r.ttl("dispatcher:dead") == -1 and r.llen("dispatcher:low") == 0
 
 
-def test_a_key_of_another_type_stops_fetching_loses_nothing_and_is_named(start, client, r):
+def test_a_key_of_another_type_stops_fetching_loses_nothing_and_is_named(start, client, r, redis_url):
     """A fetch that popped the high list then failed on a normal list made a string by hand
     lost the high tasks. Now what comes before the broken list still runs; nothing after it
     is taken until it is mended."""
@@ -128,6 +128,8 @@ def test_a_key_of_another_type_stops_fetching_loses_nothing_and_is_named(start, 
     wait_for(lambda: "cannot go on: dispatcher:normal holds a string, not a list" in proc.log, 10,
              what="the error naming the key")
     assert r.llen("dispatcher:low") == 1                           # not taken, so not lost
+    status = run_cli("status", "--in-flight", url=redis_url)            # when a person looks
+    assert status.returncode == 0 and "BROKEN: dispatcher:normal holds a string" in status.stdout
     r.delete("dispatcher:normal")
     assert low.result(timeout=20)["args"] == [2]
     assert "going on: the key is mended" in proc.log and "loop error" not in proc.log

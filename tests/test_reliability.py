@@ -173,6 +173,15 @@ def test_a_dispatcher_paused_past_its_ttl_whose_id_was_taken_stops_and_touches_n
     assert second.proc.poll() is None and "reconciling" not in second.log
 
 
+def test_a_dispatcher_that_finds_its_heartbeat_gone_takes_it_back_before_it_fetches(start, client, r):
+    proc = start("--procs", "1")
+    [dispatcher_id] = [m.decode() for m in r.smembers("dispatcher:dispatchers")]
+    r.delete(f"dispatcher:dispatcher:{dispatcher_id}")             # as after a long outage
+    assert client.enqueue("t.echo", 1).result(timeout=20)["args"] == [1]
+    assert f"heartbeat of {dispatcher_id} had lapsed" in proc.log
+    assert json.loads(r.get(f"dispatcher:dispatcher:{dispatcher_id}"))["pid"] == proc.proc.pid
+
+
 def test_a_task_longer_than_three_heartbeat_ttls_runs_exactly_once(start, client, r, redis_url):
     for name in ("a", "b"):
         start("--procs", "1", "--heartbeat-ttl", "1", "--name", name)

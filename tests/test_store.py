@@ -8,7 +8,6 @@ import time
 
 import msgpack
 import pytest
-import redis
 
 from dispatcher.errors import BrokenKey, LostId, UnpackableItems
 from dispatcher.keys import Keys
@@ -17,8 +16,12 @@ from dispatcher.store import Store
 KEYS = Keys("t")
 
 
-def make_store(r) -> Store:
-    return Store(r, KEYS)
+def make_store(r, holds: tuple[str, ...] = ("d1",)) -> Store:
+    """A store whose process holds these dispatcher ids (a fetch without a heartbeat takes nothing)."""
+    store = Store(r, KEYS)
+    for dispatcher_id in holds:
+        store.take_over(dispatcher_id, {"pid": 0}, 600_000)
+    return store
 
 
 def test_fetch_takes_highest_priority_first_oldest_first_one_token_each(r):
@@ -58,7 +61,7 @@ def test_fetch_reports_when_nothing_is_waiting(r):
 
 
 def test_due_scheduled_tasks_are_promoted_exactly_once_across_dispatchers(r):
-    store = make_store(r)
+    store = make_store(r, holds=("a", "b"))
     for d in ("a", "b"):
         store.reconcile(d, 50)
     store.schedule("normal", int(time.time() * 1000) - 1, [b"x%d" % i for i in range(60)])
@@ -213,7 +216,7 @@ def test_outcomes_that_cannot_be_packed_are_named_and_nothing_is_written(r):
 def test_a_process_whose_id_another_holds_now_can_write_nothing_to_its_records(r):
     """Cut off (or paused) past its heartbeat's TTL, a dispatcher's id may be claimed by another
     process: from then on each write of the first would land in the second's records."""
-    old, new = make_store(r), make_store(r)
+    old, new = make_store(r, holds=()), make_store(r, holds=())
     info = {"host": "h", "pid": 1}
     assert old.claim("d1", info, 60_000)
     old.reconcile("d1", 2)
@@ -232,8 +235,20 @@ def test_a_process_whose_id_another_holds_now_can_write_nothing_to_its_records(r
     assert new.beat("d1", {"host": "h", "pid": 2}, 60_000) is True
 
 
-def test_a_lapsed_heartbeat_nobody_claimed_is_taken_again(r):
+def test_a_fetch_without_our_heartbeat_takes_nothing(r):
+    """Lapsed, a dispatcher could take a task that a peer, seeing no heartbeat, put back at once:
+    it ran twice, though it started after the lapse."""
     store = make_store(r)
+    store.reconcile("d1", 2)
+    store.push("normal", [b"a"])
+    r.delete(KEYS.heartbeat("d1"))
+    assert store.fetch("d1", 1) == -3 and r.llen("t:normal") == 1
+    assert store.beat("d1", {"pid": 0}, 60_000) is False             # taken back...
+    assert [f.element for f in store.fetch("d1", 1)] == [b"a"]     # ...then it fetches
+
+
+def test_a_lapsed_heartbeat_nobody_claimed_is_taken_again(r):
+    store = make_store(r, holds=())
     assert store.claim("d1", {"pid": 1}, 60_000)
     r.delete(KEYS.heartbeat("d1"))
     assert store.beat("d1", {"pid": 1}, 60_000) is False             # said, then held again
@@ -248,6 +263,7 @@ def test_putting_back_a_dead_peers_tasks_checks_every_list_first(r):
     store.push("high", [b"h"])
     store.push("low", [b"l"])
     store.fetch("d1", 2)
+    r.delete(KEYS.heartbeat("d1"))                                   # then d1 died
     r.set("t:low", "oops")
     for _ in range(3):
         with pytest.raises(BrokenKey, match="^t:low holds a string, not a list"):
@@ -283,7 +299,7 @@ def test_an_outcome_whose_target_has_another_type_is_not_written_nor_its_lease_d
 def test_after_a_lapse_only_the_entries_still_there_are_kept(r):
     """A peer may have put back what a lapsed dispatcher ran: writing those entries again would
     put them back a second time at the next recovery."""
-    store = make_store(r)
+    store = make_store(r, holds=())
     assert store.claim("d1", {"pid": 1}, 60_000)
     store.reconcile("d1", 3)
     store.push("normal", [b"a", b"b"])
@@ -303,7 +319,7 @@ def test_after_a_lapse_only_the_entries_still_there_are_kept(r):
 
 
 def test_taking_over_a_dead_holders_id_fails_if_another_took_it_first(r):
-    first, second, third = make_store(r), make_store(r), make_store(r)
+    first, second, third = make_store(r, holds=()), make_store(r, holds=()), make_store(r, holds=())
     assert first.claim("d1", {"pid": 1}, 60_000)
     seen = json.loads(r.get(KEYS.heartbeat("d1")))
     assert second.take_over("d1", {"pid": 2}, 60_000, expected=seen)
@@ -346,7 +362,7 @@ def test_reconcile_puts_back_what_we_do_not_hold_and_restores_what_we_do(r):
 
 
 def test_a_dead_peer_is_recovered_once_and_a_live_one_is_left_alone(r):
-    store = make_store(r)
+    store = make_store(r, holds=())
     store.beat("dead", {"pid": 1}, 60_000)
     store.reconcile("dead", 2)
     store.push("high", [b"h"])

@@ -21,12 +21,17 @@ ARGV[3]     this process's instance (in its heartbeat): if another process holds
 
 Returns an error "BADKEY <key> holds a <type>, ..." and takes nothing if one of KEYS[1..8] that
 it needs has the wrong type. Otherwise {slot, list index (1..3), element, ...} when it took tasks, or a single number:
-milliseconds until the next scheduled task is due, -1 if nothing is scheduled, or -2 if this
-dispatcher has no free token (its local count disagrees with Redis: it must reconcile).
+milliseconds until the next scheduled task is due, -1 if nothing is scheduled, -2 if this
+dispatcher has no free token (its local count disagrees with Redis: it must reconcile), or -3
+if its heartbeat is missing: it lapsed, and a task taken now could be put back by a peer that
+sees no heartbeat, and run twice. The dispatcher takes its heartbeat back, then fetches.
 ]]
 local owner = redis.call('GET', KEYS[10])
 if owner and not string.find(owner, ARGV[3], 1, true) then
   return redis.error_reply('LOSTID ' .. owner)
+end
+if not owner then
+  return {-3}  -- lapsed: a peer may be putting back what this one holds; take the id back first
 end
 
 -- A key of another type (a SET by hand on a queue's name, say) must not fail a write halfway:
