@@ -32,6 +32,7 @@ from dispatcher import Call, Client  # noqa: E402
 from dispatcher.server import start_server  # noqa: E402
 
 RAN_KEY = "chaos:ran"
+STARTUP = 2.0  # seconds a dispatcher may take to set its signal handlers (imports, pool)
 
 
 def children_of(pid: int) -> list[int]:
@@ -70,6 +71,7 @@ class Dispatchers:
         self.prefetch = prefetch
         self.log_level = log_level
         self.procs_by_slot: dict[int, subprocess.Popen] = {}
+        self.started_at: dict[int, float] = {}
         self.starts = 0
 
     def start(self, slot: int) -> None:
@@ -82,6 +84,7 @@ class Dispatchers:
              "--tasks", "chaos_tasks", "--heartbeat-ttl", "3", "--retry-backoff", "0.1",
              "--retry-backoff-max", "1", "--grace", "10", "--name", f"chaos-{slot}"],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir))
+        self.started_at[slot] = time.monotonic()
         self.starts += 1
 
     def kill(self, slot: int) -> None:
@@ -90,6 +93,10 @@ class Dispatchers:
         proc.wait()
 
     def stop_all(self) -> list[int]:
+        # A dispatcher restarted a moment ago may not have set its signal handlers yet: SIGTERM
+        # would end it as the default action does (-15), which is not what is being tested
+        youngest = max(self.started_at.values(), default=0.0)
+        time.sleep(max(0.0, youngest + STARTUP - time.monotonic()))
         for proc in self.procs_by_slot.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
