@@ -122,12 +122,17 @@ def test_batches_beyond_luas_unpack_limit_are_taken_and_finished_whole(r):
     assert r.llen("t:normal") == 0 and r.llen("t:low") == 500
 
 
-def test_a_finish_that_meets_a_key_of_another_type_writes_nothing(r):
-    """Redis keeps a script's writes made before an error: the keys are checked first."""
+def three_in_flight(r) -> tuple[Store, list]:
+    """d1 holds a, b and c (in that order) out of three slots."""
     store = make_store(r)
     store.reconcile("d1", 3)
     store.push("normal", [b"a", b"b", b"c"])
-    a, b, c = store.fetch("d1", 3)
+    return store, store.fetch("d1", 3)
+
+
+def test_a_finish_that_meets_a_key_of_another_type_writes_nothing(r):
+    """Redis keeps a script's writes made before an error: the keys are checked first."""
+    store, (a, b, c) = three_in_flight(r)
     r.set("not-a-list", "x")
     items = [
         {"slot": a.slot, "action": "ack", "result_key": "", "reply_to": "", "reply": b"", "ttl": 50},
@@ -149,10 +154,7 @@ def test_a_finish_that_meets_a_key_of_another_type_writes_nothing(r):
 def test_a_reply_to_that_refuses_the_outcome_keeps_it_under_the_result_key_and_says_so(r, caplog):
     """reply_to is the producer's key: one of another type must neither abort the batch (the
     other outcomes, the tokens) nor lose the outcome."""
-    store = make_store(r)
-    store.reconcile("d1", 3)
-    store.push("normal", [b"a", b"b", b"c"])
-    a, b, c = store.fetch("d1", 3)
+    store, (a, b, c) = three_in_flight(r)
     r.set("not-a-list", "x")
     items = [
         {"slot": a.slot, "action": "ack", "result_key": "", "reply_to": "not-a-list", "reply": b"A",
@@ -349,11 +351,7 @@ def test_finish_dead_keeps_the_element_unchanged_and_requeue_goes_to_the_head(r)
 
 
 def test_reconcile_puts_back_what_we_do_not_hold_and_restores_what_we_do(r):
-    store = make_store(r)
-    store.claim("d1", {"pid": 1}, 60_000)                        # a live heartbeat: not a lapse
-    store.reconcile("d1", 3)
-    store.push("normal", [b"a", b"b", b"c"])
-    a, b, c = store.fetch("d1", 3)
+    store, (a, b, c) = three_in_flight(r)                          # its heartbeat live: not a lapse
     r.hdel(KEYS.inflight("d1"), str(c.slot), f"{c.slot}:q")   # as if Redis lost that write
     requeued = store.reconcile("d1", 3, [(b.slot, b.queue, b.element), (c.slot, c.queue, c.element)])
     assert requeued == 1 and r.lrange("t:normal", 0, -1) == [b"a"]
