@@ -474,22 +474,20 @@ class Dispatcher:
         if self._pool is None:
             self._wakeup.close()
             return
-        if self._lost is not None:
-            self._pool.terminate()
+        if self._lost is None:
+            self._pool.close()
+            deadline = time.monotonic() + self.settings.grace
+            while (self._running and time.monotonic() < deadline and self._signals <= signals_at_stop
+                   and self._lost is None):
+                self.step(fetch=False)
+        self._pool.terminate()
+        if self._lost is not None:  # nothing more may be written: what runs is another's now
             if self._heartbeat:
                 self._heartbeat.stop()
             self._wakeup.close()
             logger.warning("dispatcher %s stopped: it lost its id; %d running task(s) stopped unrecorded",
                            self.id, len(self._running))
             return
-        self._pool.close()
-        deadline = time.monotonic() + self.settings.grace
-        while self._running and time.monotonic() < deadline and self._signals <= signals_at_stop:
-            self.step(fetch=False)
-            if self._lost is not None:  # nothing more may be written: what runs is another's now
-                self._pool.terminate()
-                return
-        self._pool.terminate()
         self._collect()
         # Newest first: each goes back to the consuming end of its list, so the oldest lands last
         # and is taken first again.

@@ -401,7 +401,7 @@ def _evalsha(script: Any, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
 def _raise_if_error(reply: Any) -> None:
     if isinstance(reply, Exception):
         text = str(reply)
-        if text.startswith("BADKEY "):  # fetch.lua: a key of the wrong type, nothing taken
+        if text.startswith("BADKEY "):  # a key of the wrong type: the script took and wrote nothing
             raise BrokenKey(text[len("BADKEY "):]) from reply
         if text.startswith("LOSTID "):  # another process holds our dispatcher id: nothing written
             raise LostId(text[len("LOSTID "):]) from reply
